@@ -1,0 +1,329 @@
+"""DINOv2 losses as plain functions: teacher targets (Sinkhorn-Knopp, centered softmax), centers, DINO, iBOT, KoLeo.
+
+Each function reproduces the official DINOv2 module it is named after (``dinov2/loss/*.py``) to within fp32
+rounding, including under ``torch.distributed`` (default process group). State (the centers) is passed in and
+returned instead of living in module buffers, so the caller decides where it is stored and checkpointed.
+
+How ``dinov2/train/ssl_meta_arch.py`` combines these pieces (and how to reproduce it with this module):
+
+* Teacher sees the 2 global crops only. Its CLS logits ``[2B, K]`` (crop-major) become targets with
+  :func:`sinkhorn_knopp` or :func:`centered_softmax` (then :func:`update_center` with the same logits: the
+  official code centers with the center *before* this step's update). :func:`teacher_targets` does both.
+* DINO loss pairs and normalisation: see :func:`dino_crop_losses`.
+* iBOT: the teacher logits of the masked patches of the global crops (``x[masks]`` order) go through the same
+  target function (their own center); the loss is :func:`ibot_loss`, weight 1 (``* 2 * 1/2`` officially).
+* KoLeo: ``sum(koleo_loss(c) for c in student_global_cls_before_head.chunk(2))`` times its weight (0.1); per
+  crop, so two crops of one image are never each other's neighbour.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+__all__ = [
+    "centered_softmax",
+    "dino_crop_losses",
+    "dino_loss",
+    "ibot_loss",
+    "koleo_loss",
+    "masked_patch_weights",
+    "sinkhorn_knopp",
+    "teacher_targets",
+    "update_center",
+]
+
+# The official KoLeoLoss builds ``nn.PairwiseDistance(2, eps=1e-8)`` once; its eps is independent of the
+# ``eps`` passed to forward (which only goes to the normalisation and the log).
+_KOLEO_PDIST_EPS = 1e-8
+
+
+# --------------------------------------------------------------------------------------------------------------
+# distributed helpers (no-ops in a single process)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if _is_distributed() else 1
+
+
+def _all_reduce_(tensor: torch.Tensor, op: dist.ReduceOp | None = None) -> torch.Tensor:
+    """In-place all-reduce (sum unless ``op`` says otherwise) over the default group, synchronous; returns ``tensor``."""
+    if _is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op)
+    return tensor
+
+
+def _global_column_max(q: torch.Tensor) -> torch.Tensor:
+    """Per-column max over the rows of all processes, ``[1, K]``; a process without rows contributes -inf."""
+    if q.shape[0] > 0:
+        col_max = q.amax(dim=0, keepdim=True)
+    else:  # e.g. no masked patch in this process's iBOT batch
+        col_max = q.new_full((1, q.shape[1]), float("-inf"))
+    return _all_reduce_(col_max, dist.ReduceOp.MAX)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# teacher targets and centers
+# --------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sinkhorn_knopp(
+    teacher_logits: torch.Tensor,
+    teacher_temp: float,
+    n_iterations: int = 3,
+    n_samples: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sinkhorn-Knopp teacher assignment (official ``sinkhorn_knopp_teacher``), global over all processes.
+
+    ``teacher_logits`` is ``[..., K]`` (leading dims are samples); returns fp32 probabilities of the same shape
+    whose rows sum to 1. Each iteration first gives every prototype the same total mass over the samples of
+    *all* processes (all-reduce), then renormalises every sample; after the last iteration the rows are exact
+    assignments and the global column sums are ≈ ``n_samples / K``.
+
+    ``n_samples`` is the total number of rows over all processes (``B`` in the paper; official iBOT passes the
+    all-reduced masked-patch count, DINO uses rows × world size, the default here). It is accepted for parity
+    with the official signature only: the official code divides by ``B`` after each column normalisation and
+    multiplies by ``B`` at the end, and the next normalisation cancels every such constant (as well as the
+    initial division by the total and the ``1/K``), so the result does not depend on it. Callers therefore
+    need not all-reduce a count for it.
+
+    Unlike the official code, each prototype's logits are shifted by their global max before ``exp``: the
+    official ``exp(logits / T)`` overflows fp32 once ``logits / T`` exceeds ~88 (low teacher temperatures, grown
+    weight-norm gains). A per-prototype factor cancels exactly in the first prototype normalisation, so the
+    result is otherwise equal. Works in place on one ``[rows, K]`` buffer: with 65,536 prototypes this runs
+    on every step, and a log-domain version was ~7x slower on CPU.
+    """
+    if n_iterations < 1:
+        # With 0 iterations the official output is exp(l/T)/Σ·B: not an assignment and B-dependent.
+        raise ValueError(f"sinkhorn_knopp needs n_iterations >= 1, got {n_iterations}")
+    del n_samples  # cancels exactly, see docstring
+    shape = teacher_logits.shape
+    # fp32 like the official code: bf16/fp16 exponentials of logits / 0.04 lose the ordering of near-ties.
+    q = teacher_logits.float().reshape(-1, shape[-1])
+    q = (q - _global_column_max(q)).div_(teacher_temp).exp_()
+    tiny = torch.finfo(q.dtype).tiny  # a fully underflowed row/column stays 0 instead of becoming NaN
+    for _ in range(n_iterations):
+        # Prototypes: equal mass for each one, summed over the samples of all processes.
+        q.div_(_all_reduce_(q.sum(dim=0, keepdim=True)).clamp_min_(tiny))
+        # Samples: each row becomes a distribution over prototypes (local: a row lives on one process).
+        q.div_(q.sum(dim=1, keepdim=True).clamp_min_(tiny))
+    return q.reshape(shape)
+
+
+@torch.no_grad()
+def centered_softmax(teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+    """Official ``softmax_center_teacher``: ``softmax((logits - center) / T)`` over the last dim, in fp32.
+
+    ``center`` may be ``[K]``, ``[1, K]`` (official DINO buffer) or ``[1, 1, K]`` (official iBOT buffer); the
+    output always has the shape of ``teacher_logits``. Pass the center *before* this step's
+    :func:`update_center` (the official module applies the pending update of the previous step first).
+    """
+    centered = teacher_logits.float() - center.float().reshape(-1)
+    return F.softmax(centered / teacher_temp, dim=-1)
+
+
+@torch.no_grad()
+def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float = 0.9) -> torch.Tensor:
+    """EMA of the teacher logits' mean: ``center * m + batch_center * (1 - m)``; returns a new tensor.
+
+    ``batch_center`` is the mean of the rows on each process, summed over processes (all-reduce) and divided
+    by the world size, as the official DINO and iBOT centers compute it. For DINO every process holds the same
+    number of rows, so this is the global row mean; for iBOT the caller passes the masked-patch logits, whose
+    per-process counts differ, so it is the mean of per-process means (not the global row mean).
+
+    Deviation for a degenerate case only: a process with no rows (no masked patch) would make the official
+    center NaN on every process forever; here it is left out of the average (divided by the number of
+    processes that had rows), and the center is returned unchanged if no process had any.
+    """
+    n_protos = center.numel()
+    logits = teacher_logits.float().reshape(-1, n_protos)
+    # One all-reduce carries both the summed means and how many processes contributed.
+    stats = logits.new_zeros(n_protos + 1)
+    if logits.shape[0] > 0:
+        stats[:n_protos] = logits.mean(dim=0)
+        stats[n_protos] = 1.0
+    _all_reduce_(stats)
+    n_contributing = stats[n_protos]
+    batch_center = (stats[:n_protos] / n_contributing.clamp(min=1.0)).reshape(center.shape).to(center.dtype)
+    updated = center * momentum + batch_center * (1 - momentum)
+    # torch.where instead of a Python `if` keeps this free of a device->host sync.
+    return torch.where(n_contributing > 0, updated, center)
+
+
+@torch.no_grad()
+def teacher_targets(
+    teacher_logits: torch.Tensor,
+    teacher_temp: float,
+    centering: str,
+    center: torch.Tensor,
+    momentum: float = 0.9,
+    n_iterations: int = 3,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher probabilities and the next center, as ``ssl_meta_arch.get_teacher_output`` produces them.
+
+    ``centering="softmax"``: :func:`centered_softmax` with the current center, then :func:`update_center` on
+    the same logits. ``centering="sinkhorn_knopp"``: :func:`sinkhorn_knopp`; the center is returned
+    unchanged (the official SK path never updates it). Use it for the DINO CLS logits ``[2B, K]`` and, with
+    the iBOT center, for the masked-patch logits ``[n_masked, K]``.
+    """
+    if centering == "softmax":
+        return centered_softmax(teacher_logits, center, teacher_temp), update_center(center, teacher_logits, momentum)
+    if centering == "sinkhorn_knopp":
+        return sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations=n_iterations), center
+    raise ValueError(f"centering must be 'softmax' or 'sinkhorn_knopp', got {centering!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# losses
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _crop_list(crops: Sequence[torch.Tensor] | torch.Tensor, name: str) -> list[torch.Tensor]:
+    """A sequence of ``[B, K]`` tensors, or a ``[n_crops, B, K]`` tensor iterated over its first dim."""
+    if isinstance(crops, torch.Tensor):
+        if crops.ndim != 3:
+            # Iterating a 2-D tensor would silently treat every row as a "crop".
+            raise ValueError(
+                f"{name}: pass a list of [B, K] tensors or one [n_crops, B, K] tensor, got {tuple(crops.shape)}"
+            )
+        return list(crops.unbind(0))
+    crops = list(crops)
+    if not crops:
+        raise ValueError(f"{name} is empty")
+    return crops
+
+
+def dino_loss(
+    student_logits: Sequence[torch.Tensor] | torch.Tensor,
+    teacher_probs: Sequence[torch.Tensor] | torch.Tensor,
+    student_temp: float = 0.1,
+) -> torch.Tensor:
+    """Official ``DINOLoss.forward``: ``Σ_s Σ_t -mean_rows(Σ_k t · log_softmax(s / τ))`` over *every* pair.
+
+    Both arguments are sequences of ``[B, K]`` tensors (or ``[n_crops, B, K]`` tensors). There is no
+    normalisation and no pairing logic here; the official caller chooses pairs and divides, see
+    :func:`dino_crop_losses`. Computed in fp32.
+    """
+    students = _crop_list(student_logits, "student_logits")
+    teachers = _crop_list(teacher_probs, "teacher_probs")
+    total = None
+    for s in students:
+        log_p = F.log_softmax(s.float() / student_temp, dim=-1)
+        for t in teachers:
+            if t.shape != s.shape:
+                raise ValueError(f"teacher {tuple(t.shape)} and student {tuple(s.shape)} shapes differ")
+            term = -(t.float() * log_p).sum(dim=-1).mean()
+            total = term if total is None else total + term
+    return total
+
+
+def dino_crop_losses(
+    student_global_logits: torch.Tensor,
+    student_local_logits: torch.Tensor | None,
+    teacher_probs: torch.Tensor,
+    n_global_crops: int = 2,
+    student_temp: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dino_global_crops_loss, dino_local_crops_loss)`` exactly as ``ssl_meta_arch`` forms them.
+
+    All inputs are crop-major (all images' crop 0, then crop 1, ...): ``student_global_logits`` and
+    ``teacher_probs`` ``[n_global·B, K]`` in the *same* crop order, ``student_local_logits``
+    ``[n_local·B, K]`` (or ``None``). With ``n_terms = n_global·(n_global-1) + max(n_global·n_local, 1)``:
+
+    * global = ``Σ_{i≠j} CE(student global i, teacher global j) / n_terms`` — each global crop is compared
+      with the teacher output of the *other* crop only. Officially the teacher chunks are concatenated in
+      reverse (``cat(t[1], t[0])``) and a single pair over ``2B`` rows is multiplied by ``loss_scales = 2``.
+    * local = ``dino_loss(local chunks, teacher chunks) / n_terms`` — every local crop against every teacher
+      global crop; zero when there are no local crops (the official code then skips the term, yet still
+      counts ``max(0, 1) = 1`` local term in ``n_terms``).
+
+    ``CE`` is the row mean of :func:`dino_loss`. Multiply both by the DINO loss weight.
+    """
+    if teacher_probs.shape != student_global_logits.shape or teacher_probs.shape[0] % n_global_crops:
+        raise ValueError(
+            f"teacher_probs {tuple(teacher_probs.shape)} and student_global_logits "
+            f"{tuple(student_global_logits.shape)} must both be [{n_global_crops}·B, K]"
+        )
+    batch = teacher_probs.shape[0] // n_global_crops
+    n_local_rows = 0 if student_local_logits is None else student_local_logits.shape[0]
+    if batch == 0 or n_local_rows % batch:
+        raise ValueError(f"student_local_logits has {n_local_rows} rows, not a multiple of the batch size {batch}")
+    n_local_crops = n_local_rows // batch
+    teacher_chunks = teacher_probs.chunk(n_global_crops)
+    student_chunks = student_global_logits.chunk(n_global_crops)
+    n_terms = n_global_crops * (n_global_crops - 1) + max(n_global_crops * n_local_crops, 1)
+
+    global_loss = student_global_logits.new_zeros((), dtype=torch.float32)
+    for i, s in enumerate(student_chunks):
+        for j, t in enumerate(teacher_chunks):
+            if i != j:
+                global_loss = global_loss + dino_loss([s], [t], student_temp)
+    global_loss = global_loss / n_terms
+
+    if n_local_crops == 0:
+        local_loss = global_loss.new_zeros(())
+    else:
+        local_loss = dino_loss(student_local_logits.chunk(n_local_crops), teacher_chunks, student_temp) / n_terms
+    return global_loss, local_loss
+
+
+def masked_patch_weights(masks: torch.Tensor) -> torch.Tensor:
+    """Per masked patch, ``1 / (number of masked patches of its image)``, in ``x[masks]`` order (official collate)."""
+    masks = masks.flatten(1).bool()
+    per_image = 1.0 / masks.sum(dim=-1).clamp(min=1).float()
+    return per_image.unsqueeze(-1).expand_as(masks)[masks]
+
+
+def ibot_loss(
+    student_masked_logits: torch.Tensor,
+    teacher_masked_probs: torch.Tensor,
+    masks: torch.Tensor,
+    student_temp: float = 0.1,
+) -> torch.Tensor:
+    """Official ``iBOTPatchLoss.forward_masked``: masked-patch cross-entropy, image-balanced.
+
+    ``masks`` is bool ``[B, N]`` (``[B, H, W]`` is flattened); the logits/probabilities are the rows of the
+    masked patches only, ``[masks.sum(), K]`` in ``x[masks]`` (row-major) order. Each patch is weighted by
+    1 / its image's masked count, and the sum is divided by ``B`` — all images, masked or not — so every
+    masked image weighs the same whatever its mask size.
+
+    The official call passes rows padded to an ``upperbound`` and truncates with ``n_masked_patches``, plus
+    ``masks_weight`` from the collate; both equal what this function derives from ``masks`` when exactly the
+    masked rows are given, which is the only form accepted here. Computed in fp32.
+    """
+    weights = masked_patch_weights(masks)
+    if student_masked_logits.shape[0] != weights.shape[0] or teacher_masked_probs.shape != student_masked_logits.shape:
+        raise ValueError(
+            f"ibot_loss expects [{weights.shape[0]}, K] rows (one per masked patch), got student "
+            f"{tuple(student_masked_logits.shape)} and teacher {tuple(teacher_masked_probs.shape)}"
+        )
+    log_p = F.log_softmax(student_masked_logits.float() / student_temp, dim=-1)
+    per_patch = (teacher_masked_probs.float() * log_p).sum(dim=-1)
+    return -(per_patch * weights).sum() / masks.shape[0]
+
+
+def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Official ``KoLeoLoss``: ``-mean log(d_nn + eps)`` on L2-normalised ``[B, D]`` features, in fp32.
+
+    ``d_nn`` is the distance to the nearest *other* row (max inner product, self excluded by setting the
+    diagonal to -1; first index on ties), measured with ``pairwise_distance(eps=1e-8)`` as the official
+    ``nn.PairwiseDistance``. Local to the process (no gather), applied per global crop by the caller.
+    """
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        x = F.normalize(features.float(), p=2, dim=-1, eps=eps)
+        # The neighbour search only picks indices, so it needs no autograd graph.
+        with torch.no_grad():
+            dots = x @ x.t()
+            dots.fill_diagonal_(-1)
+            nn_index = dots.argmax(dim=1)
+        distances = F.pairwise_distance(x, x[nn_index], p=2, eps=_KOLEO_PDIST_EPS)
+        return -torch.log(distances + eps).mean()

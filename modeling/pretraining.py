@@ -1,0 +1,295 @@
+"""DINOv2 pretraining model: student and EMA teacher towers (backbone + DINO head + iBOT head) and the losses.
+
+`DinoForPretraining.forward` is one official `SSLMetaArch.forward_backward` minus the backward: the teacher sees
+the two global crops, the student all crops (global ones with the iBOT masks), and the loss is
+DINO (global + local) + iBOT (masked global patches) + KoLeo (student global CLS before the head).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.utils import ModelOutput
+
+from .heads import DinoHead, WeightNormLinear
+from .losses import dino_crop_losses, ibot_loss, koleo_loss, teacher_targets
+from .vision_transformer import DinoVisionConfig, DinoVisionModel, DinoVisionPreTrainedModel
+
+
+class DinoPretrainingConfig(PretrainedConfig):
+    """Backbone config + head sizes + loss switches/weights + teacher centering.
+
+    A loss is on when its weight is > 0. Defaults follow the official default config (one head shared by DINO and
+    iBOT, 65,536 prototypes, softmax centering); the L/g recipes use a separate iBOT head and Sinkhorn-Knopp.
+    """
+
+    model_type = "dinoforge_pretraining"
+    sub_configs = {"backbone_config": DinoVisionConfig}
+
+    def __init__(
+        self,
+        backbone_config: DinoVisionConfig | dict | None = None,
+        num_prototypes: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        head_nlayers: int = 3,
+        separate_ibot_head: bool = False,
+        ibot_num_prototypes: int | None = None,
+        ibot_hidden_dim: int | None = None,
+        ibot_bottleneck_dim: int | None = None,
+        dino_weight: float = 1.0,
+        ibot_weight: float = 1.0,
+        koleo_weight: float = 0.1,
+        centering: str = "softmax",
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        sinkhorn_iterations: int = 3,
+        initializer_range: float = 0.02,
+        **kwargs,
+    ):
+        if backbone_config is None:
+            backbone_config = DinoVisionConfig()
+        elif isinstance(backbone_config, dict):
+            backbone_config = DinoVisionConfig(**backbone_config)
+        if centering not in ("sinkhorn_knopp", "softmax"):
+            raise ValueError(f"centering must be 'sinkhorn_knopp' or 'softmax', got {centering!r}")
+        self.backbone_config = backbone_config
+        self.num_prototypes = num_prototypes
+        self.hidden_dim = hidden_dim
+        self.bottleneck_dim = bottleneck_dim
+        self.head_nlayers = head_nlayers
+        self.separate_ibot_head = separate_ibot_head
+        self.ibot_num_prototypes = ibot_num_prototypes if ibot_num_prototypes is not None else num_prototypes
+        self.ibot_hidden_dim = ibot_hidden_dim if ibot_hidden_dim is not None else hidden_dim
+        self.ibot_bottleneck_dim = ibot_bottleneck_dim if ibot_bottleneck_dim is not None else bottleneck_dim
+        self.dino_weight = dino_weight
+        self.ibot_weight = ibot_weight
+        self.koleo_weight = koleo_weight
+        self.centering = centering
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.initializer_range = initializer_range
+        super().__init__(**kwargs)
+        if not separate_ibot_head and self.ibot_num_prototypes != num_prototypes:
+            raise ValueError("a shared DINO/iBOT head has one prototype count: set separate_ibot_head=True")
+
+    @property
+    def use_dino(self) -> bool:
+        return self.dino_weight > 0
+
+    @property
+    def use_ibot(self) -> bool:
+        return self.ibot_weight > 0
+
+    @property
+    def use_koleo(self) -> bool:
+        return self.koleo_weight > 0
+
+
+@dataclass
+class DinoPretrainingOutput(ModelOutput):
+    """Every loss term is already weighted as it enters `loss`.
+
+    `teacher_entropy` (mean entropy of the teacher DINO targets, nats) and `teacher_prototypes_used` (distinct
+    argmax prototypes in the batch) are collapse signals: a collapsed teacher has entropy → 0 with one
+    prototype, or entropy → log K (uniform targets).
+    """
+
+    loss: torch.Tensor | None = None
+    dino_global_loss: torch.Tensor | None = None
+    dino_local_loss: torch.Tensor | None = None
+    ibot_loss: torch.Tensor | None = None
+    koleo_loss: torch.Tensor | None = None
+    teacher_entropy: torch.Tensor | None = None
+    teacher_prototypes_used: torch.Tensor | None = None
+
+
+def _tower(config: DinoPretrainingConfig, backbone_config: DinoVisionConfig) -> nn.ModuleDict:
+    modules: dict[str, nn.Module] = {"backbone": DinoVisionModel(backbone_config)}
+    dim = backbone_config.hidden_size
+    modules["dino_head"] = DinoHead(
+        dim, config.num_prototypes, config.hidden_dim, config.bottleneck_dim, config.head_nlayers
+    )
+    if config.separate_ibot_head:
+        modules["ibot_head"] = DinoHead(
+            dim, config.ibot_num_prototypes, config.ibot_hidden_dim, config.ibot_bottleneck_dim, config.head_nlayers
+        )
+    return nn.ModuleDict(modules)
+
+
+def _all_reduce_count(n: int, device: torch.device) -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        return n
+    t = torch.tensor([n], device=device, dtype=torch.long)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+class DinoForPretraining(DinoVisionPreTrainedModel):
+    """Student + EMA teacher, each `{backbone, dino_head, ibot_head}`; the teacher never gets gradients.
+
+    With a shared head (`separate_ibot_head=False`) there is no `ibot_head` module: the DINO head serves both.
+    The loss centers are buffers, so `save_pretrained` keeps them and training continues from any checkpoint.
+    """
+
+    config_class = DinoPretrainingConfig
+    config: DinoPretrainingConfig
+    base_model_prefix = "dinoforge_pretraining"
+    _no_split_modules = ["Embeddings", "Block", "DinoHead"]
+    _keys_to_ignore_on_load_missing = [r"dino_center", r"ibot_center"]
+
+    def __init__(self, config: DinoPretrainingConfig):
+        super().__init__(config)
+        self.student = _tower(config, config.backbone_config)
+        # The official teacher has no stochastic depth.
+        teacher_backbone_config = copy.deepcopy(config.backbone_config)
+        teacher_backbone_config.drop_path_rate = 0.0
+        self.teacher = _tower(config, teacher_backbone_config)
+        self.register_buffer("dino_center", torch.zeros(1, config.num_prototypes))
+        self.register_buffer("ibot_center", torch.zeros(1, config.ibot_num_prototypes))
+        self.post_init()
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, WeightNormLinear):
+            init_g = module.weight_g
+            nn.init.kaiming_uniform_(module.weight_v, a=5**0.5)
+            nn.init.ones_(init_g)
+        else:
+            super()._init_weights(module)
+
+    def _apply_heads(
+        self, tower: nn.ModuleDict, cls_tokens: torch.Tensor, masked_tokens: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """DINO head on CLS tokens, iBOT head on masked patch tokens; a shared head runs once on both
+        (one weight-norm evaluation and one large matmul instead of several small ones)."""
+        if masked_tokens is None:
+            return tower["dino_head"](cls_tokens), None
+        if self.config.separate_ibot_head:
+            return tower["dino_head"](cls_tokens), tower["ibot_head"](masked_tokens)
+        logits = tower["dino_head"](torch.cat((cls_tokens, masked_tokens)))
+        # split, not slicing: a slice's backward writes into a zero-filled copy of the whole [rows, K] logits
+        cls_logits, masked_logits = logits.split([cls_tokens.shape[0], masked_tokens.shape[0]])
+        return cls_logits, masked_logits
+
+    def _check_inputs(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None, masks: torch.Tensor | None):
+        if global_crops.ndim != 4 or global_crops.shape[0] % 2:
+            raise ValueError(
+                f"global_crops must be [2*batch, 3, H, W] (two crops per image, crop-major), got {tuple(global_crops.shape)}"
+            )
+        if local_crops is not None and local_crops.numel() > 0:
+            b = global_crops.shape[0] // 2
+            if local_crops.ndim != 4 or local_crops.shape[0] % b:
+                raise ValueError(
+                    f"local_crops must be [n_local*{b}, 3, h, w] (crop-major), got {tuple(local_crops.shape)}"
+                )
+        if self.config.use_ibot and masks is None:
+            raise ValueError("the iBOT loss is on: pass masks (bool [2*batch, num_patches]) or set ibot_weight=0")
+        if masks is not None:
+            p = self.config.backbone_config.patch_size
+            expected = (global_crops.shape[0], (global_crops.shape[-2] // p) * (global_crops.shape[-1] // p))
+            if tuple(masks.shape) != expected or masks.dtype != torch.bool:
+                raise ValueError(
+                    f"masks must be bool [2*batch, num_patches] = {list(expected)}, got {masks.dtype} {list(masks.shape)}"
+                )
+
+    def forward(
+        self,
+        global_crops: torch.Tensor,
+        local_crops: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
+        teacher_temp: float = 0.07,
+        **kwargs,
+    ) -> DinoPretrainingOutput:
+        """`global_crops` [2·B,3,H,W], `local_crops` [n_local·B,3,h,w] (both crop-major), `masks` bool [2·B, N]."""
+        cfg = self.config
+        self._check_inputs(global_crops, local_crops, masks)
+        n_reg = cfg.backbone_config.num_register_tokens
+        has_local = local_crops is not None and local_crops.numel() > 0
+        ibot_masks = masks if cfg.use_ibot else None
+        update_centers = self.training
+
+        # ---- teacher: global crops only, no masks, no gradient
+        with torch.no_grad():
+            t_out = self.teacher["backbone"](global_crops).last_hidden_state
+            t_cls = t_out[:, 0]
+            t_masked = t_out[:, 1 + n_reg :][ibot_masks] if ibot_masks is not None else None
+            t_cls_logits, t_masked_logits = self._apply_heads(self.teacher, t_cls, t_masked)
+            t_probs, new_dino_center = teacher_targets(
+                t_cls_logits, teacher_temp, cfg.centering, self.dino_center, cfg.center_momentum, cfg.sinkhorn_iterations
+            )
+            if ibot_masks is not None:
+                t_masked_probs, new_ibot_center = teacher_targets(
+                    t_masked_logits, teacher_temp, cfg.centering, self.ibot_center,
+                    cfg.center_momentum, cfg.sinkhorn_iterations,
+                )
+            if update_centers:
+                self.dino_center.copy_(new_dino_center)
+                if ibot_masks is not None:
+                    self.ibot_center.copy_(new_ibot_center)
+
+        # ---- student: global crops (with iBOT masks) and local crops
+        s_global = self.student["backbone"](global_crops, masks=ibot_masks).last_hidden_state
+        s_cls = s_global[:, 0]
+        s_local_cls = self.student["backbone"](local_crops).pooler_output if has_local and cfg.use_dino else None
+        s_masked = s_global[:, 1 + n_reg :][ibot_masks] if ibot_masks is not None else None
+        s_cls_all = s_cls if s_local_cls is None else torch.cat((s_cls, s_local_cls))
+        s_cls_logits, s_masked_logits = self._apply_heads(self.student, s_cls_all, s_masked)
+
+        zero = s_cls.new_zeros((), dtype=torch.float32)
+        dino_global = dino_local = ibot_term = koleo_term = zero
+        if cfg.use_dino:
+            s_global_logits, s_local_logits = s_cls_logits, None
+            if s_local_cls is not None:
+                s_global_logits, s_local_logits = s_cls_logits.split([s_cls.shape[0], s_local_cls.shape[0]])
+            dino_global, dino_local = dino_crop_losses(
+                s_global_logits, s_local_logits, t_probs, n_global_crops=2, student_temp=cfg.student_temp
+            )
+            dino_global = cfg.dino_weight * dino_global
+            dino_local = cfg.dino_weight * dino_local
+        if cfg.use_koleo:
+            # per global crop: the two crops of one image are never each other's neighbour
+            koleo_term = cfg.koleo_weight * sum(koleo_loss(c) for c in s_cls.chunk(2))
+        if ibot_masks is not None:
+            if _all_reduce_count(int(ibot_masks.sum()), ibot_masks.device) > 0:
+                ibot_term = cfg.ibot_weight * ibot_loss(s_masked_logits, t_masked_probs, ibot_masks, cfg.student_temp)
+            else:  # no masked patch anywhere: keep the head in the graph so DDP sees its (zero) gradients
+                ibot_term = 0.0 * s_masked_logits.sum()
+
+        loss = dino_global + dino_local + ibot_term + koleo_term
+        with torch.no_grad():
+            entropy = -(t_probs * t_probs.clamp_min(1e-12).log()).sum(-1).mean()
+            used = torch.unique(t_probs.argmax(-1)).numel()
+        return DinoPretrainingOutput(
+            loss=loss,
+            dino_global_loss=dino_global,
+            dino_local_loss=dino_local,
+            ibot_loss=ibot_term,
+            koleo_loss=koleo_term,
+            teacher_entropy=entropy,
+            teacher_prototypes_used=torch.tensor(used),
+        )
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA: `teacher = momentum * teacher + (1 - momentum) * student` (1.0 keeps the teacher, 0.0 copies)."""
+        t_params = list(self.teacher.parameters())
+        s_params = list(self.student.parameters())
+        torch._foreach_mul_(t_params, momentum)
+        torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+
+    @property
+    def teacher_backbone(self) -> DinoVisionModel:
+        return self.teacher["backbone"]
+
+    @property
+    def student_backbone(self) -> DinoVisionModel:
+        return self.student["backbone"]

@@ -1,0 +1,236 @@
+"""train.py end to end on tiny configs: config convention, schedules, param groups, resume after SIGKILL,
+2-process DDP, non-finite abort, export."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from training.config import ConfigError, load_config
+from training.param_groups import param_groups
+from training.schedules import Schedules, cosine_schedule
+from training.train_config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "model": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "drop_path_rate": 0.1},
+    "heads": {"num_prototypes": 64, "hidden_dim": 48, "bottleneck_dim": 16},
+    "crops": {"global_size": 28, "local_size": 14, "local_number": 2},
+    "optim": {"batch_size": 4, "epochs": 2, "iters_per_epoch": 6, "warmup_epochs": 1, "base_lr": 0.05},
+    "teacher": {"temp_warmup_epochs": 1},
+    "data": {"dataset": "sample", "num_workers": 0},
+    "train": {"save_every": 4, "log_every": 1, "keep_last": 3},
+}
+
+
+def write_config(tmp_path: Path, **sections) -> Path:
+    cfg = {k: dict(v) for k, v in TINY.items()}
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_train(config: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(config), *overrides]
+    res = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    if check:
+        assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def losses_by_step(output_dir: Path) -> dict[int, dict]:
+    rows = {}
+    for line in (output_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row  # a resumed run re-logs the steps after its checkpoint: keep the last
+    return rows
+
+
+# ---- config convention ------------------------------------------------------------------------------------
+
+
+def test_config_yaml_then_cli_overrides(tmp_path):
+    path = write_config(tmp_path)
+    cfg = load_config(TrainConfig, ["--config", str(path), "optim.batch_size=8", "crops.global_scale=[0.4, 1.0]"])
+    assert cfg.optim.batch_size == 8 and cfg.crops.global_scale == (0.4, 1.0)
+    assert cfg.model.hidden_size == 32 and cfg.config_name == "tiny"
+    assert cfg.output_dir == "outputs/tiny"
+    assert cfg.optim.weight_decay_end == 0.4  # untouched default
+
+
+def test_unknown_keys_name_the_closest(tmp_path):
+    with pytest.raises(ConfigError, match="optim.batch_sise.*batch_size"):
+        load_config(TrainConfig, ["optim.batch_sise=3"])
+    with pytest.raises(ConfigError, match="unknown section 'optm'.*optim"):
+        load_config(TrainConfig, ["optm.epochs=3"])
+    with pytest.raises(ConfigError, match="expected an integer"):
+        load_config(TrainConfig, ["optim.epochs=ten"])
+
+
+# ---- schedules and parameter groups -------------------------------------------------------------------------
+
+
+def test_cosine_schedule_matches_official_arrays():
+    import numpy as np
+
+    total, warmup, base, final = 50, 10, 1.0, 0.1
+    warm = np.linspace(0.0, base, warmup)
+    iters = np.arange(total - warmup)
+    cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / len(iters)))
+    official = np.concatenate((warm, cos))
+    ours = [cosine_schedule(i, total, base, final, warmup) for i in range(total)]
+    np.testing.assert_allclose(ours, official, rtol=1e-12)
+    assert cosine_schedule(total + 5, total, base, final, warmup) == final
+
+
+def test_recipe_schedules():
+    cfg = TrainConfig()
+    s = Schedules(cfg, global_batch=1024)
+    ep = cfg.optim.iters_per_epoch
+    assert s.at(0).lr == 0.0 and s.at(0).last_layer_lr == 0.0
+    assert s.at(ep - 1).last_layer_lr == 0.0 and s.at(ep).last_layer_lr > 0  # last layer frozen for 1 epoch
+    assert math.isclose(s.at(10 * ep).lr, 4e-3, rel_tol=1e-9)  # sqrt(1024/1024) * base after warm-up
+    assert math.isclose(s.at(0).teacher_temp, 0.04) and math.isclose(s.at(30 * ep).teacher_temp, 0.07)
+    assert math.isclose(s.at(0).weight_decay, 0.04) and math.isclose(s.at(0).momentum, 0.992)
+    assert math.isclose(Schedules(cfg, 256).lr, 4e-3 * 0.5)
+
+
+def test_param_groups_layer_decay_and_no_decay(tmp_path):
+    from training.build import build_pretraining_model
+
+    cfg = load_config(TrainConfig, ["--config", str(write_config(tmp_path))])
+    model = build_pretraining_model(cfg)
+    groups = param_groups(model.student, layerwise_decay=0.9, patch_embed_lr_mult=0.2)
+    by_name = {n: g for g in groups for n in g["names"]}
+    L = 2
+    assert math.isclose(by_name["backbone.blocks.0.attn.qkv.weight"]["lr_multiplier"], 0.9 ** L)
+    assert math.isclose(by_name["backbone.blocks.1.attn.qkv.weight"]["lr_multiplier"], 0.9 ** (L - 1))
+    assert math.isclose(by_name["backbone.norm.weight"]["lr_multiplier"], 1.0)
+    assert math.isclose(by_name["backbone.embeddings.patch_embed.weight"]["lr_multiplier"], 0.9 ** (L + 1) * 0.2)
+    assert by_name["backbone.blocks.0.ls1.gamma"]["wd_multiplier"] == 0.0
+    assert by_name["backbone.blocks.0.norm1.weight"]["wd_multiplier"] == 0.0
+    assert by_name["backbone.blocks.0.attn.qkv.bias"]["wd_multiplier"] == 0.0
+    assert by_name["backbone.embeddings.cls_token"]["wd_multiplier"] == 1.0  # official decays tokens
+    assert by_name["dino_head.last_layer.weight_v"]["is_last_layer"]
+    assert by_name["dino_head.mlp.0.weight"]["lr_multiplier"] == 1.0
+    no_tokens = param_groups(model.student, 0.9, 0.2, decay_tokens=False)
+    assert {n: g for g in no_tokens for n in g["names"]}["backbone.embeddings.cls_token"]["wd_multiplier"] == 0.0
+    assert sum(len(g["params"]) for g in groups) == len(list(model.student.parameters()))
+
+
+# ---- runs ---------------------------------------------------------------------------------------------------
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    config = write_config(tmp_path)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_train(config, f"train.output_dir={straight}")
+
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(config), f"train.output_dir={killed}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-4" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = max(losses_by_step(killed))
+    assert done_before < 12, "the kill came too late to test anything"
+    run_train(config, f"train.output_dir={killed}")  # resume=auto
+
+    ref, got = losses_by_step(straight), losses_by_step(killed)
+    assert sorted(ref) == sorted(got) == list(range(1, 13))
+    for step in range(5, 13):
+        for key in ("loss", "dino_global_loss", "dino_local_loss", "ibot_loss", "koleo_loss"):
+            assert math.isclose(got[step][key], ref[step][key], rel_tol=1e-5, abs_tol=1e-7), (step, key)
+    # teacher weights at the end are the same too
+    from safetensors.torch import load_file
+
+    a = load_file(straight / "checkpoint-12" / "model.safetensors")
+    b = load_file(killed / "checkpoint-12" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+
+
+def test_outputs_and_export_load_with_stock_transformers(tmp_path):
+    config = write_config(tmp_path)
+    out = tmp_path / "run"
+    run_train(config, f"train.output_dir={out}", "train.max_steps=3", "train.save_every=0")
+    assert (out / "config.yaml").is_file() and yaml.safe_load((out / "config.yaml").read_text())["train"]["seed"] == 0
+    assert (out / "checkpoint-3" / "model.safetensors").is_file()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "ibot_loss", "lr", "weight_decay", "momentum", "teacher_temp", "images_per_s",
+                "teacher_entropy", "teacher_prototypes_used"):
+        assert key in rows[-1]
+    for sub in ("pretraining", "backbone"):
+        assert (out / sub / "model.safetensors").is_file()
+    card = (out / "backbone" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers") and "Dinov2Model" in card
+
+    export = tmp_path / "export"
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "export", str(out / "checkpoint-3"), str(export)],
+                         cwd=ROOT, env=env(), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    code = (
+        "import sys, numpy as np, torch\n"
+        "from PIL import Image\n"
+        "from transformers import AutoModel, pipeline\n"
+        f"m = AutoModel.from_pretrained({str(export / 'backbone')!r})\n"
+        "assert type(m).__name__ == 'Dinov2Model', type(m)\n"
+        f"f = pipeline('image-feature-extraction', model={str(export / 'backbone')!r})\n"
+        "out = f(Image.fromarray(np.zeros((40, 50, 3), dtype=np.uint8)))\n"
+        "assert 'modeling' not in sys.modules\n"
+        "print(np.array(out).shape)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env(), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    # the exported teacher equals the run's own export
+    from safetensors.torch import load_file
+
+    a, b = load_file(out / "backbone" / "model.safetensors"), load_file(export / "backbone" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nonfinite_losses_abort_with_checkpoint(tmp_path):
+    config = write_config(tmp_path)
+    out = tmp_path / "nan"
+    res = run_train(config, f"train.output_dir={out}", "optim.base_lr=1e12", "optim.warmup_epochs=0",
+                    "optim.freeze_last_layer_epochs=0", "optim.clip_grad=0", "train.max_nonfinite=3", check=False)
+    assert res.returncode != 0
+    assert "non-finite losses in a row" in res.stderr
+    assert list(out.glob("checkpoint-*/trainer_state.json")), "no checkpoint saved before aborting"
+    state = json.loads(next(out.glob("checkpoint-*/trainer_state.json")).read_text())
+    assert state["counters"]["nonfinite_in_a_row"] == 3
+
+
+def test_two_process_ddp_keeps_ranks_identical(tmp_path):
+    config = write_config(tmp_path, loss={"centering": "softmax"})
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+        str(ROOT / "tests" / "scripts" / "ddp_check.py"), "--config", str(config),
+        f"train.output_dir={out}", "train.max_steps=3", "train.save_every=0",
+    ]
+    res = subprocess.run(cmd, cwd=ROOT, env={**env(), "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = json.loads((out / "ranks.json").read_text())
+    assert len(ranks) == 2
+    assert ranks[0] == ranks[1], "teacher weights or loss centers differ between ranks"
+    assert ranks[0][2] != 0, "the softmax center never moved"
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)

@@ -1,0 +1,38 @@
+"""Pretrain a DINOv2 ViT: `accelerate launch train.py [--config FILE.yaml] [section.key=value ...]`.
+
+With no `--config` it trains the quickstart recipe (configs/quickstart.yaml) on the bundled sample images.
+`python train.py export CHECKPOINT OUT` writes `OUT/pretraining/` and `OUT/backbone/` from any checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+QUICKSTART = Path(__file__).resolve().parent / "configs" / "quickstart.yaml"
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["export"]:
+        if len(argv) != 3:
+            sys.exit("usage: python train.py export CHECKPOINT OUT")
+        from training.export import export_checkpoint
+
+        paths = export_checkpoint(argv[1], argv[2])
+        print("\n".join(f"{name}: {path}" for name, path in paths.items()))
+        return
+
+    from training.config import ConfigError, load_config
+    from training.run import run
+    from training.train_config import TrainConfig
+
+    has_config = any(a == "--config" or a.startswith("--config=") for a in argv)
+    try:
+        cfg = load_config(TrainConfig, argv, config_file=None if has_config else QUICKSTART)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,66 @@
+"""Per-step schedules of the official recipe: lr, weight decay, teacher momentum, teacher temperature."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .train_config import TrainConfig
+
+
+def cosine_schedule(step: int, total: int, base: float, final: float, warmup: int = 0, warmup_start: float = 0.0) -> float:
+    """Official `CosineScheduler`: linear warm-up `warmup_start → base` over `warmup` steps, then cosine to `final`.
+
+    Past `total` the final value holds (the official array simply ends there).
+    """
+    if step < warmup:
+        # np.linspace(warmup_start, base, warmup)[step]
+        return warmup_start + (base - warmup_start) * (step / (warmup - 1) if warmup > 1 else 1.0)
+    decay_steps = total - warmup
+    if decay_steps <= 0 or step >= total:
+        return final
+    t = step - warmup
+    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * t / decay_steps))
+
+
+def scaled_lr(base_lr: float, global_batch: int) -> float:
+    """Official "sqrt_wrt_1024" rule: lr = base_lr * sqrt(global batch / 1024)."""
+    return base_lr * math.sqrt(global_batch / 1024)
+
+
+@dataclass
+class StepValues:
+    lr: float
+    last_layer_lr: float
+    weight_decay: float
+    momentum: float
+    teacher_temp: float
+
+
+class Schedules:
+    """All schedules of a run, evaluated at an optimizer step (counted in official "iterations")."""
+
+    def __init__(self, cfg: TrainConfig, global_batch: int):
+        o, t = cfg.optim, cfg.teacher
+        epoch = o.iters_per_epoch
+        self.total = o.epochs * epoch
+        self.lr = scaled_lr(o.base_lr, global_batch)
+        self.min_lr = o.min_lr
+        self.lr_warmup = o.warmup_epochs * epoch
+        self.freeze_last_layer = o.freeze_last_layer_epochs * epoch
+        self.wd = (o.weight_decay, o.weight_decay_end)
+        self.momentum = (t.momentum, t.momentum_end)
+        self.temp, self.temp_warmup_start = t.temp, t.temp_warmup
+        self.temp_warmup = t.temp_warmup_epochs * epoch
+
+    def at(self, step: int) -> StepValues:
+        lr = cosine_schedule(step, self.total, self.lr, self.min_lr, self.lr_warmup)
+        return StepValues(
+            lr=lr,
+            last_layer_lr=0.0 if step < self.freeze_last_layer else lr,
+            weight_decay=cosine_schedule(step, self.total, *self.wd),
+            momentum=cosine_schedule(step, self.total, *self.momentum),
+            teacher_temp=cosine_schedule(
+                step, self.temp_warmup, self.temp, self.temp, self.temp_warmup, self.temp_warmup_start
+            ),
+        )

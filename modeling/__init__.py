@@ -6,7 +6,7 @@ Importing this package registers the dinoforge classes with transformers' Auto c
 
 from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
 
-from . import losses
+from . import convert, losses
 from .heads import DinoHead
 from .pretraining import DinoForPretraining, DinoPretrainingConfig, DinoPretrainingOutput
 from .vision_transformer import DinoVisionConfig, DinoVisionModel
@@ -30,5 +30,6 @@ __all__ = [
     "DinoPretrainingOutput",
     "DinoVisionConfig",
     "DinoVisionModel",
+    "convert",
     "losses",
 ]

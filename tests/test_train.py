@@ -234,3 +234,35 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
     assert ranks[0][2] != 0, "the softmax center never moved"
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_init_from_backbone_and_highres_resampling(tmp_path):
+    from modeling import DinoForPretraining, DinoVisionConfig, DinoVisionModel
+    from modeling.convert import export_backbone
+    from training.build import build_pretraining_model
+
+    torch.manual_seed(0)
+    source = DinoVisionModel(DinoVisionConfig(image_size=28, hidden_size=32, num_hidden_layers=2, num_attention_heads=2))
+    export_backbone(source, tmp_path / "stock")  # a stock transformers Dinov2Model folder
+    cfg = load_config(TrainConfig, ["--config", str(write_config(tmp_path)), f"model.init_from={tmp_path / 'stock'}"])
+    model = build_pretraining_model(cfg)
+    x = torch.randn(2, 3, 28, 28)
+    for tower in (model.student, model.teacher):
+        torch.testing.assert_close(tower["backbone"].eval()(x).last_hidden_state, source.eval()(x).last_hidden_state)
+
+    model.save_pretrained(tmp_path / "pretraining")
+    cfg = load_config(
+        TrainConfig,
+        ["--config", str(write_config(tmp_path)), f"model.init_from={tmp_path / 'pretraining'}", "model.image_size=56"],
+    )
+    continued = build_pretraining_model(cfg)
+    assert isinstance(continued, DinoForPretraining)
+    assert continued.config.backbone_config.image_size == 56
+    big = torch.randn(1, 3, 56, 56)
+    for tower in ("student", "teacher"):
+        grid = getattr(continued, tower)["backbone"].embeddings.position_embeddings
+        assert grid.shape[1] == 1 + 4 * 4
+        # resampled once with the model's own interpolation: outputs at 56 px are unchanged
+        before = getattr(model, tower)["backbone"].eval()(big).last_hidden_state
+        after = getattr(continued, tower)["backbone"].eval()(big).last_hidden_state
+        torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)

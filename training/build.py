@@ -100,15 +100,29 @@ def build_pretraining_model(cfg: TrainConfig) -> DinoForPretraining:
     """Fresh model from the recipe, or `init_from`: our `pretraining/` folder continues with heads and centers;
     any other backbone source initialises student and teacher backbones, with fresh heads."""
     source = cfg.model.init_from
-    if source and Path(source).is_dir() and _model_type(Path(source)) == "dinoforge_pretraining":
-        logger.info("continuing from %s (backbones, heads and loss centers)", source)
-        return DinoForPretraining.from_pretrained(source)
     if not source:
         return DinoForPretraining(pretraining_config(cfg, backbone_config(cfg)))
-    backbone = load_backbone(source, cfg.model.drop_path_rate)
-    model = DinoForPretraining(pretraining_config(cfg, backbone.config))
-    state = backbone.state_dict()
-    model.student["backbone"].load_state_dict(state)
-    model.teacher["backbone"].load_state_dict(state)
-    logger.info("initialised student and teacher backbones from %s (fresh heads)", source)
+    if Path(source).is_dir() and _model_type(Path(source)) == "dinoforge_pretraining":
+        logger.info("continuing from %s (backbones, heads and loss centers)", source)
+        model = DinoForPretraining.from_pretrained(source)
+    else:
+        backbone = load_backbone(source, cfg.model.drop_path_rate)
+        model = DinoForPretraining(pretraining_config(cfg, backbone.config))
+        state = backbone.state_dict()
+        model.student["backbone"].load_state_dict(state)
+        model.teacher["backbone"].load_state_dict(state)
+        logger.info("initialised student and teacher backbones from %s (fresh heads)", source)
+    resample_position_embeddings(model, cfg.model.image_size)
     return model
+
+
+def resample_position_embeddings(model: DinoForPretraining, image_size: int | None) -> None:
+    """High-res phase: resample both towers' position-embedding grids once to `image_size` (saved that way),
+    instead of interpolating at every step. Nothing to do when `image_size` is unset or already the grid."""
+    if image_size is None or image_size == model.student_backbone.config.image_size:
+        return
+    old = model.student_backbone.config.image_size
+    for tower in (model.student, model.teacher):
+        tower["backbone"].resize_position_embeddings(image_size)
+    model.config.backbone_config.image_size = image_size
+    logger.info("resampled position embeddings from %d px to %d px", old, image_size)

@@ -64,7 +64,9 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.model.gradient_checkpointing:
         model.student["backbone"].gradient_checkpointing_enable()
     groups = param_groups(model.student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult, cfg.optim.decay_tokens)
-    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.optim.betas))
+    # Fused AdamW (one kernel for all parameters) where parameters are plain tensors; FSDP/DeepSpeed keep the default.
+    plain = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.optim.betas), fused=True if plain else None)
     if cfg.model.compile:
         for tower in (model.student, model.teacher):
             tower["backbone"].compile()

@@ -1,0 +1,167 @@
+"""Curation benchmarks (CPU). Prints tables; never part of the test run.
+
+    python benchmarks/curation.py sample          # images/s per step + recall per transform on the sample set
+    python benchmarks/curation.py copy-dedup      # 1M synthetic 256-d embeddings, 10,000 planted pairs
+    python benchmarks/curation.py all
+
+`sample`: real photos (scikit-image tiles) with injected exact / re-encoded / resized / cropped / flipped copies
+and eval-set overlaps, run through the full pipeline offline (hashes + a tiny random-init DINOv2 saved locally).
+`copy-dedup`: copy-detection dedup exactly as the pipeline runs it (Faiss IVF index, k = 64 kNN, cosine > 0.6,
+union-find components, keep rule), reporting wall time, peak RSS, planted-pair recall and false merges.
+Targets: < 3 min, < 6 GiB, recall >= 99 %, no false merges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # ru_maxrss is KiB on Linux
+
+
+def bench_sample(n_distinct: int, copies: int, threshold: float) -> None:
+    import datasets
+
+    datasets.disable_progress_bars()
+    from curation_fixtures import build_collection, save_tiny_dinov2, score_curation
+
+    from curation import CurateConfig, run_pipeline
+    from training.config import load_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        truth = build_collection(root, n_distinct=n_distinct, n_copies_per_transform=copies, n_eval=8, n_seeds=16)
+        model = save_tiny_dinov2(root / "tiny_dinov2")
+        argv = [f"sources=[{{name: web, path: {root / 'uncurated'}}}]",
+                f"seeds=[{{name: seedset, path: {root / 'seeds'}}}]",
+                f"eval_sets=[{{name: evalset, path: {root / 'eval'}}}]", "validate.min_size=32",
+                f"dedup.copy_detection.model={model}", f"dedup.copy_detection.threshold={threshold}",
+                f"decontaminate.model={model}", f"decontaminate.threshold={threshold}", f"embed.model={model}",
+                "cluster.num_clusters=16", "select.mode=sample", f"output.dir={root / 'out'}"]
+        stats = run_pipeline(load_config(CurateConfig, argv))
+        print(f"\nSample set: {stats['steps'][0]['rows_in']} files ({n_distinct} distinct 96 px tiles + "
+              f"{copies} copies per transform + 8 eval overlaps), CPU, {os.cpu_count()} cores")
+        print(f"{'step':24s} {'rows in':>8s} {'kept':>6s} {'removed':>8s} {'seconds':>8s} {'images/s':>10s}")
+        for s in stats["steps"]:
+            ips = f"{s['images_per_s']:.0f}" if s["images_per_s"] else "-"
+            print(f"{s['step']:24s} {s['rows_in']:8d} {s['rows_kept']:6d} {s['rows_removed']:8d} "
+                  f"{s['seconds']:8.3f} {ips:>10s}")
+        manifest = datasets.load_from_disk(str(root / "out" / "removed")).to_list()
+        score = score_curation(manifest, truth)
+        print(f"\nOffline configuration: exact sha256 + pHash <= 6 (and mirrored) + tiny random DINOv2 at cosine > "
+              f"{threshold}")
+        print(f"{'transform':10s} recall")
+        for k, v in score["recall"].items():
+            print(f"{k:10s} {v:6.1%}")
+        print(f"precision {score['precision']:.1%}, false merges {len(score['false_merges'])}, "
+              f"eval-overlap recall {score['eval_recall']:.1%}")
+
+
+def planted_embeddings(n: int, d: int, pairs: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Clustered unit vectors (2,000 Gaussian blobs, like real embeddings) with `pairs` planted near-copies
+    at cosine ~0.9 to their original; returns (float16 matrix, planted pairs [pairs, 2])."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((2000, d)).astype(np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    x = np.empty((n, d), dtype=np.float16)
+    block = 100_000
+    for s in range(0, n, block):
+        e = min(s + block, n)
+        v = centers[rng.integers(0, len(centers), e - s)] + 0.1 * rng.standard_normal((e - s, d)).astype(np.float32)
+        x[s:e] = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float16)
+    originals = rng.choice(n, size=2 * pairs, replace=False)
+    src, dst = originals[:pairs], originals[pairs:]
+    noise = rng.standard_normal((pairs, d)).astype(np.float32)
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    base = x[src].astype(np.float32)
+    noise -= (noise * base).sum(1, keepdims=True) * base  # orthogonal to base
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    cos = rng.uniform(0.8, 0.95, size=(pairs, 1)).astype(np.float32)
+    x[dst] = (cos * base + np.sqrt(1 - cos**2) * noise).astype(np.float16)
+    return x, np.stack([src, dst], axis=1)
+
+
+def bench_copy_dedup(n: int, d: int, pairs: int, nlist: int, nprobe: int, k: int, threshold: float,
+                     index_type: str) -> None:
+    import faiss
+
+    from curation.config import IndexConfig
+    from curation.embed import EmbeddingStore
+    from curation.graph import dedup_from_edges, knn_edges
+    from curation.index import build_index, search_blocks
+
+    t_gen = time.time()
+    x, planted = planted_embeddings(n, d, pairs)
+    gen_s = time.time() - t_gen
+    store = EmbeddingStore.from_array(x)  # fp16 storage, converted block by block
+    t0 = time.time()
+    cfg = IndexConfig(type=index_type, nlist=nlist, nprobe=nprobe, query_batch=16_384)
+    index, info = build_index(store, cfg)
+    t_build = time.time() - t0
+    parts = [knn_edges(ids, sims, threshold, start) for start, sims, ids in search_blocks(index, store, k, 16_384)]
+    a, b, sim = (np.concatenate([p[j] for p in parts]) for j in range(3))
+    t_search = time.time() - t0 - t_build
+    ids_rank = np.arange(n)  # ids in row order: "lowest id" = lowest row
+    res = dedup_from_edges(n, a, b, np.ones(n, dtype=np.int64), ids_rank, sim)
+    total = time.time() - t0
+    rep = res.rep
+    found = rep[planted[:, 0]] == rep[planted[:, 1]]
+    # false merge: a component holding anything other than one planted pair's two rows
+    partner = np.full(n, -1)
+    partner[planted[:, 0]], partner[planted[:, 1]] = planted[:, 1], planted[:, 0]
+    removed = np.nonzero(rep != np.arange(n))[0]
+    false = int(np.sum(partner[removed] != rep[removed]))
+    comp_sizes = np.bincount(rep)
+    print(f"\nCopy-detection dedup: {n:,} x {d}-d fp16 embeddings (clustered), {pairs:,} planted pairs, "
+          f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads")
+    print(f"index: {json.dumps(info.as_dict())}, k = {k}, cosine > {threshold}")
+    print(f"{'data generation (not counted)':34s} {gen_s:8.1f} s")
+    print(f"{'index build (train + add)':34s} {t_build:8.1f} s")
+    print(f"{'kNN search + threshold':34s} {t_search:8.1f} s")
+    print(f"{'components + keep rule':34s} {total - t_build - t_search:8.1f} s")
+    print(f"{'total wall time':34s} {total:8.1f} s   (target < 180 s)")
+    print(f"{'peak RSS (whole process)':34s} {peak_rss_gib():8.2f} GiB (target < 6 GiB)")
+    print(f"{'edges above threshold':34s} {len(a):8d}")
+    print(f"{'planted-pair recall':34s} {found.mean():8.2%} (target >= 99 %)")
+    print(f"{'rows removed':34s} {len(removed):8d}")
+    print(f"{'false merges':34s} {false:8d} (largest component {comp_sizes.max()})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["sample", "copy-dedup", "all"])
+    parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--pairs", type=int, default=10_000)
+    parser.add_argument("--nlist", type=int, default=4096)
+    parser.add_argument("--nprobe", type=int, default=16)
+    parser.add_argument("--index", default="ivfpq_fs", choices=["flat", "ivf", "ivfpq", "ivfpq_fs"])
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--threshold", type=float, default=0.6)
+    parser.add_argument("--distinct", type=int, default=200)
+    parser.add_argument("--copies", type=int, default=20)
+    parser.add_argument("--tiny-threshold", type=float, default=0.99995)
+    args = parser.parse_args()
+    if args.what in ("sample", "all"):
+        bench_sample(args.distinct, args.copies, args.tiny_threshold)
+    if args.what in ("copy-dedup", "all"):
+        bench_copy_dedup(args.n, args.dim, args.pairs, args.nlist, args.nprobe, args.k, args.threshold, args.index)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Outputs: curated dataset, removal manifest, per-step stats, dataset card, and the Hub folder / push.
+
+Layout (DESIGN.md): `output.dir/dataset/` (save_to_disk), `output.dir/removed/` (manifest, save_to_disk) and
+`output.dir/removed.parquet`, `output.dir/stats.json`, `output.dir/README.md` (dataset card),
+`output.dir/hub/` (exactly what `push_to_hub` uploads: README.md + data/train-*.parquet), `output.dir/cache/`.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import string
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from .config import CurateConfig
+
+MANIFEST_SCHEMA = pa.schema([("id", pa.string()), ("step", pa.string()), ("reason", pa.string()),
+                             ("duplicate_of", pa.string())])
+OUTPUT_COLUMNS = ["id", "source", "path", "sha256", "phash", "width", "height", "cluster", "retrieved_by",
+                  "similarity", "image"]
+CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "dataset_card.md"
+
+
+def manifest_table(ids: list[str], step: str, reasons: list[str], duplicate_of: list[str | None]) -> pa.Table:
+    return pa.table({"id": ids, "step": [step] * len(ids), "reason": reasons, "duplicate_of": duplicate_of},
+                    schema=MANIFEST_SCHEMA)
+
+
+def write_manifest(parts: list[pa.Table], out_dir: Path) -> pa.Table:
+    table = pa.concat_tables(parts) if parts else MANIFEST_SCHEMA.empty_table()
+    pq.write_table(table, out_dir / "removed.parquet")
+    target = out_dir / "removed"
+    shutil.rmtree(target, ignore_errors=True)
+    datasets.Dataset(table).save_to_disk(str(target))
+    return table
+
+
+def _parse_size(text: str) -> int:
+    text = text.strip().upper()
+    for unit, mult in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * mult)
+    return int(text)
+
+
+def size_category(n: int) -> str:
+    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
+                        (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"),
+                        (1_000_000_000, "100M<n<1B")):
+        if n < limit:
+            return name
+    return "1B<n<10B"
+
+
+def render_card(cfg: CurateConfig, stats: dict[str, Any], models: dict[str, str]) -> str:
+    header = {
+        "license": "other",
+        "task_categories": ["image-feature-extraction"],
+        "tags": ["dinoforge", "curation", "lvd-142m", "self-supervised"],
+        "size_categories": [size_category(stats["num_rows"])],
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}],
+        "dinoforge": {k: v for k, v in models.items()},
+    }
+    rows = "\n".join(f"| {s['step']} | {s['rows_in']} | {s['rows_kept']} | {s['rows_removed']} |"
+                     for s in stats["steps"])
+
+    def names(items: list) -> str:
+        return ", ".join(f"`{s.name}` ({s.dataset or s.path})" for s in items) or "none"
+
+    cd = cfg.dedup.copy_detection
+    km = stats.get("cluster") or {}
+    values = {
+        "yaml_header": yaml.safe_dump(header, sort_keys=False).strip(),
+        "title": cfg.output.repo_id or f"Curated dataset ({cfg.config_name})",
+        "num_rows": stats["num_rows"],
+        "num_input": stats["steps"][0]["rows_in"] if stats["steps"] else 0,
+        "sources": names(cfg.sources),
+        "seeds": names(cfg.seeds),
+        "eval_sets": names(cfg.eval_sets),
+        "step_table": rows,
+        "min_size": cfg.validate.min_size,
+        "max_aspect": cfg.validate.max_aspect,
+        "exact": "sha256 of the file bytes" if cfg.dedup.exact else "off",
+        "phash": cfg.dedup.phash_max_distance if cfg.dedup.phash_max_distance is not None else "off",
+        "cd_model": models.get("copy_detection", "off"),
+        "cd_k": cd.k,
+        "cd_threshold": cd.threshold,
+        "dc_model": models.get("decontaminate", "off"),
+        "dc_threshold": cfg.decontaminate.threshold,
+        "embed_model": models.get("embed", "off"),
+        "cluster": (f"spherical={cfg.cluster.spherical} k-means, levels {km.get('level_sizes')}, trained on "
+                    f"{km.get('train_rows')} of {km.get('rows')} rows (max_points_per_centroid "
+                    f"{cfg.cluster.max_points_per_centroid})") if km else "off",
+        "select": (f"mode={cfg.select.mode}, k={cfg.select.k}, per_cluster={cfg.select.per_cluster}, "
+                   f"min_seed_hits>{cfg.select.min_seed_hits}, cap_per_source={cfg.select.cap_per_source}, "
+                   f"target_size={cfg.select.target_size}"),
+    }
+    return string.Template(CARD_TEMPLATE.read_text()).substitute(values)
+
+
+def build_hub_folder(ds: datasets.Dataset, card: str, folder: Path, max_shard_size: str,
+                     extra_files: list[Path] = ()) -> Path:
+    """Write exactly what `push_to_hub` uploads: README.md + data/train-XXXXX-of-YYYYY.parquet (+ the removal
+    manifest and stats, outside `data/`, so `load_dataset(repo_id)` reads only the curated rows)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "data").mkdir(parents=True)
+    size = sum(f["filename"] and Path(f["filename"]).stat().st_size for f in ds.cache_files) or 1
+    num_shards = max(1, math.ceil(size / _parse_size(max_shard_size)))
+    num_shards = min(num_shards, max(1, len(ds)))
+    for i in range(num_shards):
+        shard = ds.shard(num_shards=num_shards, index=i, contiguous=True)
+        shard.to_parquet(str(folder / "data" / f"train-{i:05d}-of-{num_shards:05d}.parquet"))
+    (folder / "README.md").write_text(card)
+    for f in extra_files:
+        shutil.copy2(f, folder / f.name)
+    return folder
+
+
+def push_folder(folder: Path, repo_id: str, private: bool) -> str:
+    """Upload the Hub folder (the only step not exercised offline by the tests)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="dataset",
+                             commit_message="dinoforge curate.py")
+    return str(getattr(info, "commit_url", info))

@@ -12,6 +12,7 @@ import datasets
 import numpy as np
 import pytest
 from curation_fixtures import broken_corpus, build_collection, save_tiny_dinov2, score_curation
+from local_hub import local_hub
 from PIL import Image
 
 from curation import CurateConfig, CurationError, run_pipeline
@@ -265,51 +266,12 @@ def pq_rows(path: Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_publish_through_local_hub(curated, tmp_path):
     """The exact folder push_to_hub uploads, served as a Hub dataset repo by olah (offline mode), loads back
     with load_dataset(repo_id)."""
-    import shutil
-    import urllib.error
-    import urllib.request
-
-    olah = shutil.which("olah-cli") or str(Path(sys.executable).parent / "olah-cli")
-    if not Path(olah).exists():
-        pytest.skip("olah not installed (pip install olah)")
     out, stats, _ = curated
-    repo = tmp_path / "mirrors" / "datasets" / "test-org" / "curated"
-    shutil.copytree(out / "hub", repo)
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=repo, check=True)
-    subprocess.run(git + ["add", "-A"], cwd=repo, check=True)
-    subprocess.run(git + ["commit", "-qm", "curated"], cwd=repo, check=True)
-    port = _free_port()
-    (tmp_path / "olah.toml").write_text(
-        f'[basic]\nhost = "127.0.0.1"\nport = {port}\nrepos-path = "{tmp_path / "repos"}"\n'
-        f'mirrors-path = ["{tmp_path / "mirrors"}"]\n[accessibility]\noffline = true\n')
-    server = subprocess.Popen([olah, "-c", str(tmp_path / "olah.toml")], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/datasets/test-org/curated", timeout=2)
-                break
-            except urllib.error.HTTPError:  # any HTTP answer means the server is up
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.3)
-        env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_OFFLINE": "0",
-               "HF_DATASETS_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    with local_hub(tmp_path, {("datasets", "test-org/curated"): out / "hub"}) as env:
+        env = {**os.environ, **env}
         # load_dataset(repo_id), and the same repo as a Hub `dataset:` source of the pipeline. (Streaming a Hub
         # source is not tried here: olah's offline mirror does not answer the HTTP range reads parquet streaming
         # needs; streaming itself is covered on local shards in test_ingest_formats_and_stable_ids.)
@@ -331,9 +293,6 @@ def test_publish_through_local_hub(curated, tmp_path):
         got = json.loads(res.stdout.strip().splitlines()[-1])
         assert got["n"] == stats["num_rows"] and got["cols"][0] == "id" and got["mode"] == "RGB"
         assert got["a"] == stats["num_rows"] and got["id"] == "hub/000000000" and got["same"]
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 def test_ingest_formats_and_stable_ids(tmp_path):

@@ -280,3 +280,40 @@ def test_fsdp2_sharded_ema_and_checkpoint_on_cpu(tmp_path):
     assert r["loss"] < 1e-5 and r["student_grads_rel"] < 1e-5
     assert r["student_after_step"] < 1e-4 and r["teacher_after_ema"] < 1e-5
     assert r["dcp_round_trip"] == 0.0
+
+
+def test_hub_folder_loads_like_the_hub_repo(tmp_path):
+    """The exact folder `hub.push` uploads loads back: the backbone at its root with stock transformers (no
+    dinoforge import), the pretraining checkpoint with heads from its `pretraining` subfolder.
+
+    Loaded from the folder, not through a local olah Hub as the curation test does: olah 0.5.4 in offline mode
+    answers 401 "RepoNotFound" (not 404) for any file a model repo lacks, and transformers probes several optional
+    files (processor/adapter configs, weight indexes), so `from_pretrained(repo_id)` fails there for any model.
+    """
+    from test_pretraining import tiny_config
+
+    from modeling import DinoForPretraining
+    from training.export import build_hub_folder, export_run
+
+    torch.manual_seed(0)
+    model = DinoForPretraining(tiny_config())
+    paths = export_run(model, tmp_path / "export", {"model_name": "tiny", "repo_id": "test-org/tiny-dino"})
+    folder = build_hub_folder(paths, tmp_path / "hub")
+    assert {"README.md", "config.json", "model.safetensors", "preprocessor_config.json", "pretraining"} <= {
+        p.name for p in folder.iterdir()}
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModel, AutoModelForPreTraining\n"
+        f"m = AutoModel.from_pretrained({str(folder)!r})\n"
+        "assert 'modeling' not in sys.modules\n"
+        f"p = AutoModelForPreTraining.from_pretrained({str(folder)!r}, subfolder='pretraining', trust_remote_code=True)\n"
+        "x = torch.randn(1, 3, 28, 28)\n"
+        "a = m(pixel_values=x).pooler_output\n"
+        "b = p.teacher['backbone'](x).pooler_output\n"
+        "print(type(m).__name__, type(p).__name__, float((a - b).abs().max()))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env(), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    name, pretraining_name, diff = res.stdout.split()[-3:]
+    assert name == "Dinov2Model" and pretraining_name == "DinoForPretraining" and float(diff) < 1e-4

@@ -4,6 +4,7 @@ DINOv2 of the EMA teacher + image processor + model card), from a live model or 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from string import Template
 from typing import Any
@@ -115,16 +116,28 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> dict[str, 
     return export_run(model, out_dir, run)
 
 
-def push_to_hub(paths: dict[str, Path], repo_id: str, private: bool = False) -> str:
-    """Upload `backbone/` at the repo root (so `AutoModel.from_pretrained(repo_id)` works) and `pretraining/`
-    into a `pretraining/` subfolder (`from_pretrained(repo_id, subfolder="pretraining")`)."""
+def build_hub_folder(paths: dict[str, Path], dest: str | Path) -> Path:
+    """The exact repository `push_to_hub` uploads: `backbone/` at the root (so `AutoModel.from_pretrained(repo_id)`
+    works), `pretraining/` in a subfolder (`from_pretrained(repo_id, subfolder="pretraining")`)."""
+    dest = Path(dest)
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(paths["backbone"], dest)
+    shutil.copytree(paths["pretraining"], dest / "pretraining")
+    # transformers looks for `trust_remote_code` modules at the repo root even when loading a subfolder, so the
+    # pretraining model's code files go there too (the root config has no auto_map: stock loading is unaffected).
+    for code in Path(paths["pretraining"]).glob("*.py"):
+        shutil.copy2(code, dest / code.name)
+    return dest
+
+
+def push_to_hub(paths: dict[str, Path], repo_id: str, private: bool = False, staging_dir: str | Path | None = None) -> str:
+    """Create the repo if needed and upload `build_hub_folder(paths)` in one commit."""
     from huggingface_hub import HfApi
 
+    staging = Path(staging_dir) if staging_dir else Path(paths["backbone"]).parent / "hub"
+    folder = build_hub_folder(paths, staging)
     api = HfApi()
     api.create_repo(repo_id, private=private, exist_ok=True)
-    api.upload_folder(repo_id=repo_id, folder_path=str(paths["backbone"]), commit_message="dinoforge backbone")
-    api.upload_folder(
-        repo_id=repo_id, folder_path=str(paths["pretraining"]), path_in_repo="pretraining",
-        commit_message="dinoforge pretraining checkpoint (heads, centers)",
-    )
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="dinoforge: backbone + pretraining/")
     return f"https://huggingface.co/{repo_id}"

@@ -317,3 +317,16 @@ def test_hub_folder_loads_like_the_hub_repo(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     name, pretraining_name, diff = res.stdout.split()[-3:]
     assert name == "Dinov2Model" and pretraining_name == "DinoForPretraining" and float(diff) < 1e-4
+
+
+def test_streaming_resume_with_workers_is_exact(tmp_path):
+    config = write_config(tmp_path, data={"dataset": "sample", "streaming": True, "num_workers": 2},
+                          model={"drop_path_rate": 0.0})
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_train(config, f"train.output_dir={straight}", "train.max_steps=6", "train.save_every=0")
+    run_train(config, f"train.output_dir={resumed}", "train.max_steps=3", "train.save_every=0")
+    run_train(config, f"train.output_dir={resumed}", "train.max_steps=6", "train.save_every=0")  # resume=auto
+    ref, got = losses_by_step(straight), losses_by_step(resumed)
+    assert sorted(got) == list(range(1, 7))
+    for step in range(4, 7):
+        assert math.isclose(got[step]["loss"], ref[step]["loss"], rel_tol=1e-5, abs_tol=1e-7), step

@@ -661,7 +661,10 @@ def build_dataloader(
         "pin_memory": torch.cuda.is_available() if pin_memory is None else pin_memory,
     }
     if num_workers > 0:
-        options["persistent_workers"] = True if persistent_workers is None else persistent_workers
+        # Streams: the workers hold their own copy of the stream, so a persistent one would never see set_epoch
+        # (same shuffle and crop seeds every epoch); map-style keys carry the epoch, so their workers can persist.
+        is_stream = isinstance(dataset, datasets.IterableDataset)
+        options["persistent_workers"] = (not is_stream) if persistent_workers is None else persistent_workers
         if prefetch_factor is not None:
             options["prefetch_factor"] = prefetch_factor
     if isinstance(dataset, datasets.IterableDataset):

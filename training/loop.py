@@ -107,17 +107,15 @@ def train(cfg: TrainConfig) -> dict:
         state = load_trainer_state(checkpoint)
         step, epoch, batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
         counters.update(state["counters"])
-        if streaming:
-            loader.dataset.load_state_dict(state["stream"])
-        else:
+        if not streaming:
             loader.sampler.load_state_dict(state["sampler"])
+        # Streams: the `datasets` state_dict lives in the DataLoader workers, out of reach of the main process, so
+        # the consumed batches of the epoch are read again and dropped below (exact, costs their loading time).
         accelerator.print(f"resumed from {checkpoint} at step {step}")
 
     def trainer_state() -> dict:
         state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "counters": counters}
-        if streaming:
-            state["stream"] = loader.dataset.state_dict()
-        else:
+        if not streaming:
             state["sampler"] = loader.sampler.state_dict(batches_in_epoch)
         return state
 
@@ -137,8 +135,13 @@ def train(cfg: TrainConfig) -> dict:
     while step < total_steps:
         set_loader_epoch(loader, epoch)
         micro = 0
+        replay = batches_in_epoch if streaming else 0  # map-style: the sampler already starts after them
+        batches_in_epoch -= replay
         for batch in loader:
             batches_in_epoch += 1
+            if replay:
+                replay -= 1
+                continue
             n_images = _agree_batch(accelerator, batch)
             counters["skipped_images"] += _sum_across(accelerator, batch["num_skipped"])
             if n_images == 0:  # every image of some process's batch was undecodable: nobody steps

@@ -57,7 +57,8 @@ def losses_by_step(output_dir: Path) -> dict[int, dict]:
     rows = {}
     for line in (output_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        rows[row["step"]] = row  # a resumed run re-logs the steps after its checkpoint: keep the last
+        if "loss" in row:  # (kNN rows carry "knn/top1" instead)
+            rows[row["step"]] = row  # a resumed run re-logs the steps after its checkpoint: keep the last
     return rows
 
 
@@ -169,10 +170,16 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
 def test_outputs_and_export_load_with_stock_transformers(tmp_path):
     config = write_config(tmp_path)
     out = tmp_path / "run"
-    run_train(config, f"train.output_dir={out}", "train.max_steps=3", "train.save_every=0")
+    res = run_train(config, f"train.output_dir={out}", "train.max_steps=3", "train.save_every=0",
+                    "train.eval_every=3", "data.eval_dataset=sample")
+    assert "kNN (k=20) top-1 on sample/test: trained teacher" in res.stdout + res.stderr
+    knn_rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "knn/top1" in x]
+    assert len(knn_rows) == 1 and knn_rows[0]["step"] == 3 and 0 <= knn_rows[0]["knn/top1"] <= 100
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["knn"]["trained_teacher"]["knn/top1"] == knn_rows[0]["knn/top1"]
     assert (out / "config.yaml").is_file() and yaml.safe_load((out / "config.yaml").read_text())["train"]["seed"] == 0
     assert (out / "checkpoint-3" / "model.safetensors").is_file()
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     for key in ("loss", "ibot_loss", "lr", "weight_decay", "momentum", "teacher_temp", "images_per_s",
                 "teacher_entropy", "teacher_prototypes_used"):
         assert key in rows[-1]

@@ -125,6 +125,7 @@ def train(cfg: TrainConfig) -> dict:
             extra_files={"config.json": unwrapped.config.to_json_string()},
         )
 
+    eval_sets = load_eval_sets(cfg) if cfg.train.eval_every > 0 else None  # loaded once; nothing when off
     metrics_file = output_dir / "metrics.jsonl"
     progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
     accum = cfg.optim.grad_accum_steps
@@ -209,6 +210,15 @@ def train(cfg: TrainConfig) -> dict:
                     _warn_collapse(last_log, unwrapped.config.num_prototypes)
                 accelerator.log(last_log, step=step)
 
+            if eval_sets is not None and step % cfg.train.eval_every == 0:
+                knn = knn_top1(unwrapped.teacher_backbone, eval_sets, cfg, accelerator)
+                knn["step"] = step
+                if accelerator.is_main_process:
+                    with metrics_file.open("a") as f:
+                        f.write(json.dumps(knn) + "\n")
+                    progress.write(f"step {step}: kNN top-1 {knn['knn/top1']:.1f}%")
+                accelerator.log(knn, step=step)
+
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total_steps:
                 checkpoint_now()
             if step >= total_steps:
@@ -224,6 +234,27 @@ def train(cfg: TrainConfig) -> dict:
     # No accelerator.end_training() here: it tears down the process group, and the caller still evaluates and
     # exports with it (training.run calls it last).
     return {"step": step, "output_dir": str(output_dir), "last_log": last_log, "accelerator": accelerator, "model": unwrapped}
+
+
+# ---- evaluation --------------------------------------------------------------------------------------------------
+
+
+def load_eval_sets(cfg: TrainConfig):
+    """(train, test) labelled splits of `data.eval_dataset` for kNN, or None when no eval set is configured."""
+    if not cfg.data.eval_dataset:
+        return None
+    d = cfg.data
+    return tuple(load_image_dataset(d.eval_dataset, split, d.image_column) for split in (d.eval_train_split, d.eval_split))
+
+
+def knn_top1(backbone, eval_sets, cfg: TrainConfig, accelerator=None) -> dict[str, float]:
+    """kNN (official protocol, k = 20 headline) of an in-memory backbone on the eval sets, data-parallel."""
+    from .evaluation import knn_eval
+
+    return knn_eval(
+        backbone, *eval_sets, image_size=cfg.crops.global_size, image_column=cfg.data.image_column,
+        label_column=cfg.data.label_column, accelerator=accelerator, num_workers=0,
+    )
 
 
 # ---- small helpers -------------------------------------------------------------------------------------------

@@ -12,27 +12,8 @@ from modeling import DinoVisionModel
 
 from .config import to_dict
 from .export import export_run, push_to_hub
-from .loop import train
+from .loop import knn_top1, load_eval_sets, train
 from .train_config import TrainConfig
-
-
-def load_eval_sets(cfg: TrainConfig):
-    """(train, test) labelled splits of `data.eval_dataset` for kNN, or None when no eval set is configured."""
-    if not cfg.data.eval_dataset:
-        return None
-    from .data import load_image_dataset
-
-    d = cfg.data
-    return tuple(load_image_dataset(d.eval_dataset, split, d.image_column) for split in (d.eval_train_split, d.eval_split))
-
-
-def knn_top1(backbone, eval_sets, cfg: TrainConfig, accelerator=None) -> dict[str, float]:
-    from .evaluation import knn_eval
-
-    return knn_eval(
-        backbone, *eval_sets, image_size=cfg.crops.global_size, image_column=cfg.data.image_column,
-        label_column=cfg.data.label_column, accelerator=accelerator, num_workers=0,
-    )
 
 
 def run(cfg: TrainConfig) -> dict:

@@ -1,0 +1,83 @@
+"""Frozen-feature evaluation of a backbone: k-NN (k = 10/20/100/200, T = 0.07) and linear probes.
+
+    python probe.py --model outputs/vitl14/backbone --dataset my-org/labelled --output_dir outputs/probe
+
+Writes `OUTPUT_DIR/results.json` (accuracies in percent), `OUTPUT_DIR/details.json` (splits, classes, chosen
+linear-probe settings) and prints a table. Features are cached (keyed by the model's weights, the dataset and
+the preprocessing), so a re-run does not recompute them. All logic lives in `training/evaluation.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from training.evaluation import (  # noqa: E402
+    KNN_KS,
+    KNN_TEMPERATURE,
+    EvaluationError,
+    LinearProbeConfig,
+    default_cache_dir,
+    format_results_table,
+    run_probe,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model folder or Hub id (anything AutoModel.from_pretrained loads)")
+    p.add_argument("--dataset", required=True,
+                   help="labelled dataset: Hub id, image folder, save_to_disk dir, ... or 'sample'")
+    p.add_argument("--output_dir", required=True, help="where results.json is written")
+    p.add_argument("--train_split", default="train")
+    p.add_argument("--test_split", default="test")
+    p.add_argument("--val_split", default=None,
+                   help="split for the linear-probe grid search (default: a seeded 10%% of the train split)")
+    p.add_argument("--image_column", default="image")
+    p.add_argument("--label_column", default="label")
+    p.add_argument("--image_size", type=int, default=None,
+                   help="crop size override (multiple of the patch size); resize keeps the processor's 256/224 ratio")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (default: min(8, CPUs))")
+    p.add_argument("--cache_dir", default=None, help=f"feature cache (default: {default_cache_dir()})")
+    p.add_argument("--no_cache", action="store_true", help="neither read nor write cached features")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="autocast dtype of the forward passes (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--ks", type=int, nargs="+", default=list(KNN_KS))
+    p.add_argument("--temperature", type=float, default=KNN_TEMPERATURE)
+    p.add_argument("--linear_epochs", type=int, default=LinearProbeConfig.epochs)
+    p.add_argument("--export_classifier", action="store_true",
+                   help="also save the CLS+mean-patch head as a stock Dinov2ForImageClassification "
+                        "in OUTPUT_DIR/classifier")
+    p.add_argument("--no_progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        out = run_probe(
+            args.model, args.dataset, args.output_dir,
+            train_split=args.train_split, test_split=args.test_split, val_split=args.val_split,
+            image_column=args.image_column, label_column=args.label_column, image_size=args.image_size,
+            batch_size=args.batch_size, num_workers=args.num_workers, cache_dir=args.cache_dir,
+            use_cache=not args.no_cache, device=args.device, dtype=args.dtype, ks=tuple(args.ks),
+            temperature=args.temperature, linear=LinearProbeConfig(epochs=args.linear_epochs),
+            export_classifier=args.export_classifier, progress=not args.no_progress,
+        )
+    except EvaluationError as e:
+        print(f"probe.py: error: {e}", file=sys.stderr)
+        return 2
+    print(format_results_table(out.results))
+    print(f"\nwrote {Path(args.output_dir) / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,6 +24,7 @@ from training.evaluation import (  # noqa: E402
     default_cache_dir,
     format_results_table,
     run_probe,
+    update_model_card,
 )
 
 
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export_classifier", action="store_true",
                    help="also save the CLS+mean-patch head as a stock Dinov2ForImageClassification "
                         "in OUTPUT_DIR/classifier")
+    p.add_argument("--update_model_card", action="store_true",
+                   help="write the results into the model-index of MODEL/README.md (local model folders)")
     p.add_argument("--no_progress", action="store_true")
     return p
 
@@ -76,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_results_table(out.results))
     print(f"\nwrote {Path(args.output_dir) / 'results.json'}")
+    if args.update_model_card:
+        if not Path(args.model).is_dir():
+            print(f"probe.py: error: --update_model_card needs a local model folder, got {args.model!r}", file=sys.stderr)
+            return 2
+        print(f"updated {update_model_card(args.model, out.results)}")
     return 0
 
 

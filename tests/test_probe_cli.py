@@ -139,3 +139,22 @@ def test_probe_script_runs_from_anywhere(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "--output_dir" in proc.stdout and "--label_column" in proc.stdout
+
+
+def test_update_model_card_writes_model_index(tmp_path):
+    import yaml
+
+    from training.evaluation import update_model_card
+
+    (tmp_path / "README.md").write_text("---\nlibrary_name: transformers\n---\n\n# My model\n\nText.\n")
+    results = {
+        "model": "m", "dataset": "my-org/data", "num_train": 10, "num_test": 5,
+        "knn": {k: {"top1": 50.0, "top5": 90.0} for k in ("10", "20", "100", "200")},
+        "linear": {"cls": {"top1": 60.0, "top5": 95.0}, "cls_avgpool": {"top1": 61.0, "top5": 96.0}},
+    }
+    path = update_model_card(tmp_path, results, "my-model")
+    text = path.read_text()
+    header = yaml.safe_load(text.split("---")[1])
+    assert header["library_name"] == "transformers" and "# My model" in text
+    metrics = header["model-index"][0]["results"][0]["metrics"]
+    assert {m["value"] for m in metrics} >= {50.0, 60.0, 61.0}

@@ -1427,6 +1427,18 @@ def model_index_from_results(
 model_index = model_index_from_results  # short alias: `{"model-index": model_index(results, name)}`
 
 
+def update_model_card(model_dir: str | os.PathLike, results: dict[str, Any], model_name: str | None = None) -> Path:
+    """Write the probe results into the `model-index` of `model_dir/README.md` (created if missing), keeping the
+    rest of the card; the Hub renders them as evaluation results."""
+    from huggingface_hub import ModelCard
+
+    path = Path(model_dir) / "README.md"
+    card = ModelCard(path.read_text()) if path.is_file() else ModelCard("---\n---\n")
+    card.data["model-index"] = model_index_from_results(results, model_name or Path(model_dir).name)
+    path.write_text(str(card))
+    return path
+
+
 def export_classifier_model(
     backbone: torch.nn.Module,
     head: LinearHead,

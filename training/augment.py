@@ -37,6 +37,8 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from modeling.convert import IMAGENET_MEAN, IMAGENET_STD
+
 __all__ = [
     "BLUR_PROBABILITIES",
     "IMAGENET_MEAN",
@@ -45,8 +47,6 @@ __all__ = [
     "derive_seed",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # (global crop 1, global crop 2, local crops): probability that the crop is blurred. See the module docstring.
 BLUR_PROBABILITIES: dict[str, tuple[float, float, float]] = {

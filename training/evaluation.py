@@ -46,14 +46,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from modeling.convert import IMAGENET_MEAN, IMAGENET_STD
+
 logger = logging.getLogger(__name__)
 
 KNN_KS: tuple[int, ...] = (10, 20, 100, 200)
 KNN_TEMPERATURE = 0.07
 HEADLINE_K = 20
 FEATURE_KINDS: tuple[str, ...] = ("cls", "cls_avgpool")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+
 # Bump when the extracted features change meaning (invalidates every cache entry).
 FEATURE_CACHE_VERSION = "1"
 

@@ -3,6 +3,7 @@ save/load and position-embedding resizing. Tiny configs, CPU fp32."""
 
 import pytest
 import torch
+from helpers import randomized
 from transformers import AutoModel
 
 import modeling  # noqa: F401  (registers the Auto classes)
@@ -15,14 +16,6 @@ def tiny_config(**kw) -> DinoVisionConfig:
     return DinoVisionConfig(**values)
 
 
-def randomized(config: DinoVisionConfig, seed: int = 0) -> DinoVisionModel:
-    model = DinoVisionModel(config).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1.0 + 0.3 * noise if name.endswith(("gamma", "norm1.weight", "norm2.weight")) else 0.2 * noise)
-    return model
 
 
 def images(h: int, w: int, n: int = 2, seed: int = 1) -> torch.Tensor:

@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 import torch
+from helpers import randomized
 
 from modeling.convert import (
     export_backbone,
@@ -51,15 +52,6 @@ def tiny_config(ffn="mlp", registers=0, image_size=56, **kw) -> DinoVisionConfig
     )
 
 
-def randomized(config: DinoVisionConfig, seed: int = 0) -> DinoVisionModel:
-    model = DinoVisionModel(config).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            # gammas and norm weights around 1 (so blocks matter), everything else small and random
-            p.copy_(1.0 + 0.3 * noise if name.endswith(("gamma", "norm1.weight", "norm2.weight")) else 0.2 * noise)
-    return model
 
 
 def official_state_dict(model: DinoVisionModel, block_chunks: int = 0, prefix: str = "") -> dict:

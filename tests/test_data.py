@@ -34,12 +34,8 @@ GLOBAL, LOCAL, PATCH = 56, 28, 14
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny per-crop tensor ops only lose from intra-op threads (badly so on a busy 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -72,6 +72,11 @@ def test_config_yaml_then_cli_overrides(tmp_path):
     assert cfg.model.hidden_size == 32 and cfg.config_name == "tiny"
     assert cfg.output_dir == "outputs/tiny"
     assert cfg.optim.weight_decay_end == 0.4  # untouched default
+    from training.build import backbone_config
+
+    assert backbone_config(cfg).layerscale_init == 1e-5  # official default
+    ls = load_config(TrainConfig, ["--config", str(path), "model.layerscale_init=0.1"])
+    assert backbone_config(ls).layerscale_init == 0.1 and backbone_config(ls).hidden_size == 32
 
 
 def test_unknown_keys_name_the_closest(tmp_path):

@@ -25,6 +25,7 @@ def backbone_config(cfg: TrainConfig) -> DinoVisionConfig:
             num_attention_heads=m.num_attention_heads,
             ffn=m.ffn,
             drop_path_rate=m.drop_path_rate,
+            layerscale_init=m.layerscale_init,
         ).items()
         if v is not None
     }

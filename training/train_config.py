@@ -19,6 +19,7 @@ class ModelConfig:
     num_hidden_layers: int | None = None
     num_attention_heads: int | None = None
     ffn: str | None = None  # mlp | swiglu
+    layerscale_init: float | None = None  # None: the official 1e-5
     image_size: int | None = None  # position-embedding grid; None: crops.global_size
     # Start from existing weights: a Hub id or folder of a stock transformers DINOv2, one of our exports,
     # an official-format state dict file (.pth/.safetensors), or our `pretraining/` folder (keeps heads+centers).

@@ -23,7 +23,13 @@ class WeightNormLinear(nn.Module):
         self.out_features = out_features
         self.weight_g = nn.Parameter(torch.ones(out_features, 1))
         self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # The official head builds its last layer after the trunc-normal init, so it keeps nn.Linear's default
+        # (kaiming-uniform) direction; only the norm g is set to 1.
         nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))
+        nn.init.ones_(self.weight_g)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -62,10 +68,7 @@ class DinoHead(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        # The official head builds its last layer after the trunc-normal init, so it keeps nn.Linear's default
-        # (kaiming-uniform) direction; only the norm g is set to 1.
-        nn.init.kaiming_uniform_(self.last_layer.weight_v, a=math.sqrt(5))
-        nn.init.ones_(self.last_layer.weight_g)
+        self.last_layer.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.mlp(x)

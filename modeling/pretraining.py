@@ -160,9 +160,7 @@ class DinoForPretraining(DinoVisionPreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, WeightNormLinear):
-            init_g = module.weight_g
-            nn.init.kaiming_uniform_(module.weight_v, a=5**0.5)
-            nn.init.ones_(init_g)
+            module.reset_parameters()
         else:
             super()._init_weights(module)
 

@@ -6,6 +6,7 @@ resume exactly). Sinkhorn-Knopp and the softmax centers act per micro-batch, as 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -160,7 +161,7 @@ def train(cfg: TrainConfig) -> dict:
 
             centers = (unwrapped.dino_center.clone(), unwrapped.ibot_center.clone())
             sync_now = micro == accum - 1
-            context = accelerator.no_sync(model) if not sync_now else _nullcontext()
+            context = accelerator.no_sync(model) if not sync_now else contextlib.nullcontext()
             with context:
                 out = model(
                     batch["global_crops"].to(accelerator.device, non_blocking=True),
@@ -264,14 +265,6 @@ def knn_top1(backbone, eval_sets, cfg: TrainConfig, accelerator=None) -> dict[st
 
 
 # ---- small helpers -------------------------------------------------------------------------------------------
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

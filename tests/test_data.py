@@ -22,6 +22,7 @@ from training.data import (
     MultiCropStream,
     ResumableSampler,
     build_dataloader,
+    choose_resolution,
     collate_multicrop,
     decode_image,
     load_image_dataset,
@@ -434,3 +435,103 @@ def test_stream_resume_from_state_dict(parquet_dir, hf_cache):
     for a, b in zip(rest, expected[2:]):
         for x, y in zip(flat(a), flat(b)):
             assert torch.equal(x, y)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Multi-resolution batches (DINOv3 high-res adaptation)
+
+RESOLUTIONS = [(GLOBAL, LOCAL, 0.5), (2 * GLOBAL, LOCAL + PATCH, 0.5)]
+
+
+def multires_loader(ds, **kwargs):
+    return build_dataloader(
+        ds,
+        [MultiCropAugmentation(global_size=g, local_size=lo, local_number=1) for g, lo, _ in RESOLUTIONS],
+        2,
+        mask_generator=[BlockMaskGenerator.for_crop(g, PATCH) for g, _, _ in RESOLUTIONS],
+        resolution_probabilities=[p for _, _, p in RESOLUTIONS],
+        seed=1,
+        **kwargs,
+    )
+
+
+def test_choose_resolution_follows_the_probabilities_and_is_deterministic():
+    probabilities = (0.3, 0.3, 0.3, 0.05, 0.05)
+    draws = [choose_resolution(probabilities, 0, 0, b) for b in range(20000)]
+    assert draws == [choose_resolution(probabilities, 0, 0, b) for b in range(20000)]
+    freq = np.bincount(draws, minlength=5) / len(draws)
+    np.testing.assert_allclose(freq, probabilities, atol=0.015)
+    assert [choose_resolution(probabilities, 1, 0, b) for b in range(50)] != draws[:50]  # the seed matters
+    assert {choose_resolution((0.0, 1.0), 0, 0, b) for b in range(100)} == {1}
+
+
+def test_multires_batches_have_one_resolution_each_with_matching_masks(train_ds):
+    serial = multires_loader(train_ds)
+    parallel = multires_loader(train_ds, num_workers=2, persistent_workers=False)
+    sizes = []
+    for a, b in zip(serial, parallel, strict=True):
+        g = a["global_crops"].shape[-1]
+        local = {lo for gs, lo, _ in RESOLUTIONS if gs == g}
+        assert a["local_crops"].shape[-1] in local
+        assert a["masks"].shape == (4, (g // PATCH) ** 2)
+        sizes.append(g)
+        for x, y in zip(flat(a), flat(b)):
+            assert torch.equal(x, y)
+    assert set(sizes) == {GLOBAL, 2 * GLOBAL}  # 6 batches, both sizes drawn with this seed
+
+
+def test_multires_sampler_same_resolutions_on_every_rank_and_on_resume():
+    def resolutions(sampler):
+        return [key[2] for key in sampler][:: sampler.batch_size]
+
+    probabilities = (0.25, 0.25, 0.5)
+    ranks = [ResumableSampler(64, batch_size=4, num_replicas=2, rank=r, resolution_probabilities=probabilities)
+             for r in range(2)]
+    for s in ranks:
+        s.set_epoch(3)
+    assert resolutions(ranks[0]) == resolutions(ranks[1])
+    full = list(ranks[0])
+    assert all(len({k[2] for k in full[i : i + 4]}) == 1 for i in range(0, len(full), 4))
+    resumed = ResumableSampler(64, batch_size=4, num_replicas=2, rank=0, resolution_probabilities=probabilities)
+    resumed.load_state_dict(ranks[0].state_dict(batches_consumed=5))
+    assert list(resumed) == full[20:]
+
+
+def test_multires_stream_workers_draw_per_loader_batch(parquet_dir, hf_cache):
+    def sizes(num_workers):
+        stream = load_image_dataset(parquet_dir, streaming=True, cache_dir=hf_cache)
+        dl = multires_loader(stream, num_workers=num_workers)
+        return [batch["global_crops"].shape[-1] for batch in dl]
+
+    expected = [RESOLUTIONS[choose_resolution([0.5, 0.5], 1, 0, b)][0] for b in range(5)]
+    assert sizes(0) == expected
+    assert sizes(2)[:4] == expected[:4]  # 5 shards-worth of rows over 2 workers: the tail may reorder
+
+
+def test_multires_errors_name_the_fix(train_ds):
+    augs = [augmentation(), augmentation()]
+    with pytest.raises(ValueError, match="need resolution_probabilities"):
+        build_dataloader(train_ds, augs, 2)
+    with pytest.raises(ValueError, match="sum to 1.*crops.resolutions"):
+        build_dataloader(train_ds, augs, 2, resolution_probabilities=[0.5, 0.6])
+    with pytest.raises(ValueError, match="one per resolution"):
+        build_dataloader(train_ds, augs, 2, resolution_probabilities=[1.0])
+
+
+def test_horizontal_flip_can_be_turned_off():
+    # Dark left half, bright right half, square: at scale (1, 1) RandomResizedCrop keeps the whole image, so only
+    # a flip can put the bright half on the left (colour jitter and blur keep which half is brighter).
+    pixels = np.zeros((64, 64, 3), dtype=np.uint8)
+    pixels[:, 32:] = 255
+    image = Image.fromarray(pixels)
+
+    def bright_left(horizontal_flip: bool) -> list[bool]:
+        aug = MultiCropAugmentation(
+            global_size=GLOBAL, local_size=LOCAL, local_number=0, global_scale=(1.0, 1.0),
+            horizontal_flip=horizontal_flip,
+        )
+        crops = [aug(image, seed=s)["global_crops"][0].mean(0) for s in range(16)]
+        return [bool(c[:, : GLOBAL // 2].mean() > c[:, GLOBAL // 2 :].mean()) for c in crops]
+
+    assert not any(bright_left(False))
+    assert 2 <= sum(bright_left(True)) <= 14

@@ -16,7 +16,7 @@ import yaml
 
 from training.config import ConfigError, load_config
 from training.param_groups import param_groups
-from training.schedules import Schedules, cosine_schedule
+from training.schedules import Schedules, cosine_schedule, rise_hold_schedule
 from training.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,6 +114,33 @@ def test_recipe_schedules():
     assert math.isclose(s.at(0).teacher_temp, 0.04) and math.isclose(s.at(30 * ep).teacher_temp, 0.07)
     assert math.isclose(s.at(0).weight_decay, 0.04) and math.isclose(s.at(0).momentum, 0.992)
     assert math.isclose(Schedules(cfg, 256).lr, 4e-3 * 0.5)
+
+
+def test_rise_hold_schedule_matches_dinov3_arrays():
+    """DINOv3 `linear_warmup_cosine_decay(start=0, peak=0, end=E, warmup=0, cosine_iterations=R)`, rebuilt here."""
+    import numpy as np
+
+    total, rise, end = 40, 10, 1.25e-5
+    cosine = (np.cos(np.linspace(0, np.pi, rise)) + 1) / 2
+    official = np.concatenate([(0.0 - end) * cosine + end, np.full(total - rise, end)])
+    np.testing.assert_allclose([rise_hold_schedule(i, rise, end) for i in range(total)], official, rtol=1e-12, atol=0)
+
+    cfg = load_config(TrainConfig, ["--config", str(ROOT / "configs" / "highres_multires.yaml")])
+    s = Schedules(cfg, global_batch=1024)
+    assert s.at(0).lr == 0.0 and math.isclose(s.at(10_000).lr, 5e-5) and math.isclose(s.at(29_999).lr, 5e-5)
+    assert s.at(4_999).lr < 5e-5 / 2 < s.at(5_000).lr  # half-way up the cosine rise (step 4999.5)
+    for step in (0, 12_345, 29_999):
+        v = s.at(step)
+        assert (v.weight_decay, v.momentum, v.teacher_temp) == (0.04, 0.999, 0.07)
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("curate")))
+def test_every_training_recipe_loads(recipe):
+    cfg = load_config(TrainConfig, ["--config", str(ROOT / "configs" / recipe)])
+    assert cfg.config_name == recipe.removesuffix(".yaml")
+    rows = cfg.crops.resolutions or [(cfg.crops.global_size, cfg.crops.local_size, 1.0)]
+    assert all(g % 14 == 0 and lo % 14 == 0 for g, lo, _ in rows)
+    assert math.isclose(sum(p for _, _, p in rows), 1.0)
 
 
 def test_param_groups_layer_decay_and_no_decay(tmp_path):
@@ -215,6 +242,22 @@ def test_outputs_and_export_load_with_stock_transformers(tmp_path):
 
     a, b = load_file(out / "backbone" / "model.safetensors"), load_file(export / "backbone" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_multi_resolution_run(tmp_path):
+    config = write_config(tmp_path)
+    out = tmp_path / "multires"
+    run_train(config, f"train.output_dir={out}", "train.max_steps=6", "train.save_every=3",
+              "crops.resolutions=[[28, 14, 0.5], [42, 28, 0.5]]", "crops.horizontal_flip=false",
+              "optim.lr_schedule=rise_hold")
+    rows = losses_by_step(out)
+    assert sorted(rows) == list(range(1, 7)) and all(math.isfinite(r["loss"]) for r in rows.values())
+    assert {r["global_size"] for r in rows.values()} == {28, 42}  # both drawn with seed 0
+    with pytest.raises(ValueError, match="not a multiple of the patch size 14: use 28 or 42"):
+        from training.loop import _crop_pipelines
+
+        cfg = load_config(TrainConfig, ["--config", str(config), "crops.resolutions=[[30, 14, 1.0]]"])
+        _crop_pipelines(cfg, 14)
 
 
 def test_nonfinite_losses_abort_with_checkpoint(tmp_path):

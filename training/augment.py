@@ -3,7 +3,8 @@
 The pipeline is the official one (``dinov2/data/augmentations.py``), built from the same torchvision (v1)
 transforms in the same order, so for one torch seed it draws the same random numbers and returns the same crops:
 
-* 2 global crops: ``RandomResizedCrop(global_size, scale=global_scale, bicubic)`` + horizontal flip p 0.5;
+* 2 global crops: ``RandomResizedCrop(global_size, scale=global_scale, bicubic)`` + horizontal flip p 0.5
+  (``horizontal_flip=False`` leaves the flips out, as DINOv3's high-resolution adaptation does);
   n local crops: the same with ``local_size`` / ``local_scale``.
 * every crop: colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1) with p 0.8, grayscale p 0.2,
   Gaussian blur (kernel 9, sigma 0.1..2.0) with a per-crop probability (below); global crop 2 also gets
@@ -86,6 +87,7 @@ class MultiCropAugmentation:
         global_scale: Sequence[float] = (0.32, 1.0),
         local_scale: Sequence[float] = (0.05, 0.32),
         blur: Literal["intended", "official"] = "intended",
+        horizontal_flip: bool = True,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
@@ -99,20 +101,17 @@ class MultiCropAugmentation:
         self.global_scale = tuple(global_scale)
         self.local_scale = tuple(local_scale)
         self.blur = blur
+        self.horizontal_flip = horizontal_flip
         blur_global1, blur_global2, blur_local = BLUR_PROBABILITIES[blur]
 
         bicubic = transforms.InterpolationMode.BICUBIC
+        # DINOv3's high-resolution adaptation turns flips off (`crops.horizontal_flips: false`).
+        flip = [transforms.RandomHorizontalFlip(p=0.5)] if horizontal_flip else []
         self.geometric_global = transforms.Compose(
-            [
-                transforms.RandomResizedCrop(global_size, scale=self.global_scale, interpolation=bicubic),
-                transforms.RandomHorizontalFlip(p=0.5),
-            ]
+            [transforms.RandomResizedCrop(global_size, scale=self.global_scale, interpolation=bicubic), *flip]
         )
         self.geometric_local = transforms.Compose(
-            [
-                transforms.RandomResizedCrop(local_size, scale=self.local_scale, interpolation=bicubic),
-                transforms.RandomHorizontalFlip(p=0.5),
-            ]
+            [transforms.RandomResizedCrop(local_size, scale=self.local_scale, interpolation=bicubic), *flip]
         )
         colour = transforms.Compose(
             [
@@ -133,7 +132,7 @@ class MultiCropAugmentation:
         return (
             f"MultiCropAugmentation(global 2x{self.global_size} scale={self.global_scale}, "
             f"local {self.local_number}x{self.local_size} scale={self.local_scale}, blur={self.blur!r} "
-            f"{BLUR_PROBABILITIES[self.blur]})"
+            f"{BLUR_PROBABILITIES[self.blur]}, horizontal_flip={self.horizontal_flip})"
         )
 
     def _crops(self, image: Image.Image) -> dict[str, list[torch.Tensor]]:

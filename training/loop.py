@@ -86,12 +86,14 @@ def train(cfg: TrainConfig) -> dict:
         cfg.data.dataset, cfg.data.split, cfg.data.image_column, cfg.data.streaming,
         rank=accelerator.process_index, world_size=accelerator.num_processes,
     )
+    augmentations, mask_generators, probabilities = _crop_pipelines(cfg, patch)
     loader = build_dataloader(
         dataset,
-        MultiCropAugmentation(**to_dict(cfg.crops)),
+        augmentations,
         cfg.optim.batch_size,
         image_column=cfg.data.image_column,
-        mask_generator=BlockMaskGenerator.for_crop(cfg.crops.global_size, patch) if cfg.loss.ibot_weight > 0 else None,
+        mask_generator=mask_generators,
+        resolution_probabilities=probabilities,
         mask_ratio_min_max=cfg.masking.ratio_min_max,
         mask_sample_probability=cfg.masking.sample_probability,
         seed=cfg.train.seed,
@@ -210,6 +212,8 @@ def train(cfg: TrainConfig) -> dict:
                 images_per_s = _sum_across(accelerator, images_since) / max(now - t_last, 1e-9)
                 t_last, images_since = now, 0
                 last_log = _log_values(accelerator, out, values, step, images_per_s, counters)
+                if cfg.crops.resolutions:  # the resolution drawn for this step's batch
+                    last_log["global_size"] = batch["global_crops"].shape[-1]
                 if accelerator.is_main_process:
                     with metrics_file.open("a") as f:
                         f.write(json.dumps(last_log) + "\n")
@@ -265,6 +269,28 @@ def knn_top1(backbone, eval_sets, cfg: TrainConfig, accelerator=None) -> dict[st
 
 
 # ---- small helpers -------------------------------------------------------------------------------------------
+
+
+def _crop_pipelines(cfg: TrainConfig, patch: int):
+    """Augmentation(s), iBOT mask generator(s) and resolution probabilities (None: one fixed resolution)."""
+    crops = to_dict(cfg.crops)
+    rows = crops.pop("resolutions")
+    if not rows:
+        rows, probabilities = [(cfg.crops.global_size, cfg.crops.local_size, 1.0)], None
+    else:
+        probabilities = [p for _, _, p in rows]
+    augmentations, generators = [], []
+    for global_size, local_size, _ in rows:
+        for name, size in (("global", global_size), ("local", local_size)):
+            if size % patch:
+                raise ValueError(
+                    f"{name} crop size {size} is not a multiple of the patch size {patch}: use "
+                    f"{size // patch * patch} or {(size // patch + 1) * patch} (crops.{name}_size / crops.resolutions)"
+                )
+        augmentations.append(MultiCropAugmentation(**{**crops, "global_size": global_size, "local_size": local_size}))
+        generators.append(BlockMaskGenerator.for_crop(global_size, patch))
+    return augmentations, (generators if cfg.loss.ibot_weight > 0 else None), probabilities
+
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -23,6 +23,14 @@ def cosine_schedule(step: int, total: int, base: float, final: float, warmup: in
     return final + 0.5 * (base - final) * (1 + math.cos(math.pi * t / decay_steps))
 
 
+def rise_hold_schedule(step: int, rise: int, peak: float) -> float:
+    """DINOv3 high-res adaptation lr (its `linear_warmup_cosine_decay` with start = peak = 0, end = peak):
+    a half-cosine rise 0 → ``peak`` over ``rise`` steps (``peak`` reached at step ``rise - 1``), then constant."""
+    if step >= rise - 1:
+        return peak
+    return peak * 0.5 * (1 - math.cos(math.pi * step / (rise - 1)))
+
+
 def scaled_lr(base_lr: float, global_batch: int) -> float:
     """Official "sqrt_wrt_1024" rule: lr = base_lr * sqrt(global batch / 1024)."""
     return base_lr * math.sqrt(global_batch / 1024)
@@ -47,6 +55,7 @@ class Schedules:
         self.lr = scaled_lr(o.base_lr, global_batch)
         self.min_lr = o.min_lr
         self.lr_warmup = o.warmup_epochs * epoch
+        self.lr_schedule = o.lr_schedule
         self.freeze_last_layer = o.freeze_last_layer_epochs * epoch
         self.wd = (o.weight_decay, o.weight_decay_end)
         self.momentum = (t.momentum, t.momentum_end)
@@ -54,7 +63,10 @@ class Schedules:
         self.temp_warmup = t.temp_warmup_epochs * epoch
 
     def at(self, step: int) -> StepValues:
-        lr = cosine_schedule(step, self.total, self.lr, self.min_lr, self.lr_warmup)
+        if self.lr_schedule == "rise_hold":
+            lr = rise_hold_schedule(step, self.lr_warmup, self.lr)
+        else:
+            lr = cosine_schedule(step, self.total, self.lr, self.min_lr, self.lr_warmup)
         return StepValues(
             lr=lr,
             last_layer_lr=0.0 if step < self.freeze_last_layer else lr,

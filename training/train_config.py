@@ -7,6 +7,7 @@ The defaults are the official DINOv2 default config (`ssl_default_config.yaml`) 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -59,6 +60,10 @@ class CropsConfig:
     global_scale: tuple[float, float] = (0.32, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.32)
     blur: str = "intended"  # intended (p 1.0 / 0.1 / 0.5) | official (the code's 0.0 / 0.9 / 0.5)
+    horizontal_flip: bool = True
+    # DINOv3 multi-resolution: each batch draws one [global_size, local_size, probability] row (all processes
+    # alike); empty = the fixed global_size / local_size above. See configs/highres_multires.yaml.
+    resolutions: list[tuple[int, int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -73,6 +78,9 @@ class OptimConfig:
     epochs: int = 100
     iters_per_epoch: int = 1250  # official OFFICIAL_EPOCH_LENGTH: schedules count these, not dataset passes
     base_lr: float = 4e-3  # scaled by sqrt(global batch / 1024)
+    # cosine: official DINOv2 (linear warm-up 0 -> lr, cosine -> min_lr);
+    # rise_hold: DINOv3 high-res adaptation (cosine rise 0 -> lr over warmup_epochs, then constant; min_lr unused)
+    lr_schedule: Literal["cosine", "rise_hold"] = "cosine"
     min_lr: float = 1e-6
     warmup_epochs: int = 10
     weight_decay: float = 0.04

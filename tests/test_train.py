@@ -86,6 +86,7 @@ def test_unknown_keys_name_the_closest(tmp_path):
         load_config(TrainConfig, ["optm.epochs=3"])
     with pytest.raises(ConfigError, match="expected an integer"):
         load_config(TrainConfig, ["optim.epochs=ten"])
+    assert load_config(TrainConfig, ["train.mixed_precision=no"]).train.mixed_precision == "no"  # YAML: no -> False
 
 
 # ---- schedules and parameter groups -------------------------------------------------------------------------

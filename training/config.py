@@ -96,6 +96,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
+        if isinstance(value, bool):  # YAML reads a bare no/yes as a boolean: `mixed_precision=no` means "no"
+            return "yes" if value else "no"
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     return value
 

@@ -6,7 +6,8 @@ Full step: ViT-S/14 with the default heads (shared DINO/iBOT head, 65,536 protot
 student fwd+bwd, teacher fwd, heads, Sinkhorn-Knopp, losses, AdamW step, EMA update.
 Bare work: the same crops through timm's `vit_small_patch14_dinov2` (`dynamic_img_size=True`): fwd+bwd for the
 student plus a no-grad fwd of the teacher on the global crops, nothing else. Prints the median of the timed steps
-(after one warm-up) and `ratio: X` = full / bare (target ≤ 1.15).
+(after one warm-up) and `ratio: X` = full / bare (target ≤ 1.15). On CPU both run with malloc keeping freed memory,
+as `train.py` does (training/cpu_memory.py; `DINOFORGE_MALLOC_TUNING=0` measures without).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling import DinoForPretraining, DinoPretrainingConfig, DinoVisionConfig  # noqa: E402
+from training.cpu_memory import keep_freed_memory  # noqa: E402
 
 
 def make_batch(batch: int, n_local: int, device: torch.device):
@@ -98,11 +100,16 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
+    # As train.py does on CPU (both measurements run under it): malloc keeps freed memory instead of unmapping it.
+    malloc_tuned = device.type == "cpu" and keep_freed_memory()
     torch.manual_seed(0)
     batch = make_batch(args.batch, args.local, device)
     bare = time_steps(bare_step_fn(batch, device), args.steps, device)
     full = time_steps(full_step_fn(batch, device), args.steps, device)
-    print(f"device: {device}, threads: {torch.get_num_threads()}, batch {args.batch}, 2x224 + {args.local}x98 crops")
+    print(
+        f"device: {device}, threads: {torch.get_num_threads()}, batch {args.batch}, 2x224 + {args.local}x98 crops, "
+        f"malloc keeps freed memory: {malloc_tuned}"
+    )
     print(f"{'work':<40}{'median s/step':>15}")
     print(f"{'bare backbone (timm fwd+bwd, teacher fwd)':<40}{bare:>15.3f}")
     print(f"{'full dinoforge pretraining step':<40}{full:>15.3f}")

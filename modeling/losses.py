@@ -27,8 +27,11 @@ import torch.nn.functional as F
 __all__ = [
     "centered_softmax",
     "dino_crop_losses",
+    "dino_crop_losses_from_rows",
+    "dino_crop_targets",
     "dino_loss",
     "ibot_loss",
+    "ibot_loss_from_rows",
     "koleo_loss",
     "masked_patch_weights",
     "soft_cross_entropy",
@@ -76,6 +79,20 @@ def _global_column_max(q: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 
 
+# Row blocks of [rows, K] work: ~1 MiB of fp32 per block, so the temporaries of the element-wise passes stay in
+# cache (and in malloc's reused pool instead of fresh page-faulted mappings) and memory is traversed once per block.
+_BLOCK_ELEMENTS = 1 << 18
+
+
+def _row_blocks(n_rows: int, n_cols: int) -> range:
+    return range(0, n_rows, max(1, _BLOCK_ELEMENTS // max(n_cols, 1)))
+
+
+def _safe_reciprocal(sums: torch.Tensor, numerator: float | torch.Tensor) -> torch.Tensor:
+    """``numerator / sums``, and 0 where a sum is 0 (a fully underflowed row or column stays 0, never NaN)."""
+    return torch.where(sums > 0, numerator / sums.clamp_min(torch.finfo(sums.dtype).tiny), 0.0)
+
+
 @torch.no_grad()
 def sinkhorn_knopp(
     teacher_logits: torch.Tensor,
@@ -100,8 +117,12 @@ def sinkhorn_knopp(
     Unlike the official code, each prototype's logits are shifted by their global max before ``exp``: the
     official ``exp(logits / T)`` overflows fp32 once ``logits / T`` exceeds ~88 (low teacher temperatures, grown
     weight-norm gains). A per-prototype factor cancels exactly in the first prototype normalisation, so the
-    result is otherwise equal. Works in place on one ``[rows, K]`` buffer: with 65,536 prototypes this runs
-    on every step, and a log-domain version was ~7x slower on CPU.
+    result is otherwise equal.
+
+    The iterations keep the result as ``diag(a) · Q · diag(b)`` with ``Q = exp(...)`` and update only the
+    scaling vectors: a column normalisation is ``b = 1 / (aᵀQ)``, a row normalisation ``a = 1 / (Q b)``, two
+    matrix-vector products that read ``Q`` once each instead of rewriting it. With 65,536 prototypes this runs on
+    every step; the official in-place form traverses the ``[rows, K]`` matrix about 2.5x as often.
     """
     if n_iterations < 1:
         # With 0 iterations the official output is exp(l/T)/Σ·B: not an assignment and B-dependent.
@@ -109,14 +130,24 @@ def sinkhorn_knopp(
     del n_samples  # cancels exactly, see docstring
     shape = teacher_logits.shape
     # fp32 like the official code: bf16/fp16 exponentials of logits / 0.04 lose the ordering of near-ties.
-    q = teacher_logits.float().reshape(-1, shape[-1])
-    q = (q - _global_column_max(q)).div_(teacher_temp).exp_()
-    tiny = torch.finfo(q.dtype).tiny  # a fully underflowed row/column stays 0 instead of becoming NaN
+    logits = teacher_logits.float().reshape(-1, shape[-1])
+    n_rows, n_cols = logits.shape
+    col_max = _global_column_max(logits)
+    q = torch.empty_like(logits)
+    blocks = _row_blocks(n_rows, n_cols)
+    for r in blocks:
+        torch.sub(logits[r : r + blocks.step], col_max, out=q[r : r + blocks.step]).div_(teacher_temp).exp_()
+    row_scale = q.new_ones(n_rows)
     for _ in range(n_iterations):
-        # Prototypes: equal mass for each one, summed over the samples of all processes.
-        q.div_(_all_reduce_(q.sum(dim=0, keepdim=True)).clamp_min_(tiny))
+        # Prototypes: each gets mass (global rows) / K, summed over the samples of all processes; the row count
+        # rides along in the same all-reduce. (Targets consistent with the rows' total keep a and b bounded.)
+        stats = _all_reduce_(torch.cat((row_scale @ q, q.new_full((1,), n_rows))))
+        col_sums, total_rows = stats[:n_cols], stats[n_cols]
+        col_scale = _safe_reciprocal(col_sums, total_rows / n_cols)
         # Samples: each row becomes a distribution over prototypes (local: a row lives on one process).
-        q.div_(q.sum(dim=1, keepdim=True).clamp_min_(tiny))
+        row_scale = _safe_reciprocal(q @ col_scale, 1.0)
+    for r in blocks:
+        q[r : r + blocks.step].mul_(col_scale).mul_(row_scale[r : r + blocks.step, None])
     return q.reshape(shape)
 
 
@@ -193,36 +224,89 @@ class _SoftCrossEntropy(torch.autograd.Function):
 
     Autograd through ``log_softmax`` keeps several ``[rows, K]`` temporaries (log-probabilities, their product
     with the target, their gradients); with K = 65,536 prototypes and ~700 rows per step that memory traffic is
-    a visible part of a step. Forward: ``Σt · logsumexp(s/τ) - <t, s/τ>``; backward: ``(softmax(s/τ) · Σt - t) / τ``.
+    a visible part of a step. Here forward computes ``p = softmax(s/τ)`` and ``Σt · logsumexp(s/τ) - <t, s/τ>``
+    in row blocks (see ``_BLOCK_ELEMENTS``) and keeps only ``p``; backward turns ``p`` into the gradient
+    ``(p · Σt - t) / τ`` in place. One ``[rows, K]`` buffer in all, and one ``exp`` per logit.
+
+    The targets come as consecutive row segments (``targets[0]`` for the first rows, ...), so callers can pair
+    one logits tensor with targets that live in several tensors, or reuse one target tensor for several row
+    ranges, without concatenating them.
     """
 
     @staticmethod
-    def forward(ctx, student_logits: torch.Tensor, teacher_probs: torch.Tensor, temp: float) -> torch.Tensor:
-        scaled = student_logits.float() / temp
-        target = teacher_probs.float()
-        lse = torch.logsumexp(scaled, dim=-1)
-        dot = torch.bmm(target.unsqueeze(-2), scaled.unsqueeze(-1)).reshape(lse.shape)
-        target_sum = target.sum(dim=-1)
-        ctx.save_for_backward(scaled, target, lse, target_sum)
-        ctx.temp, ctx.input_dtype = temp, student_logits.dtype
-        return lse * target_sum - dot
+    def forward(ctx, student_logits: torch.Tensor, temp: float, *targets: torch.Tensor) -> torch.Tensor:
+        logits = student_logits.float()
+        n_rows, n_cols = logits.shape
+        probs = torch.empty_like(logits)
+        target_sum = logits.new_empty(n_rows)
+        loss = logits.new_empty(n_rows)
+        for r, r_end, target in _segment_blocks(targets, n_rows, n_cols):
+            x, p = logits[r:r_end], probs[r:r_end]
+            row_max = x.amax(dim=-1, keepdim=True)
+            torch.sub(x, row_max, out=p).div_(temp).exp_()
+            sum_exp = p.sum(dim=-1, keepdim=True)
+            p.div_(sum_exp)
+            lse = sum_exp.log_().squeeze(-1).add_(row_max.squeeze(-1), alpha=1.0 / temp)
+            dot = (target * x).sum(dim=-1).div_(temp)  # (bmm here was ~10x slower on CPU for few rows)
+            target_sum[r:r_end] = target.sum(dim=-1)
+            loss[r:r_end] = lse * target_sum[r:r_end] - dot
+        ctx.save_for_backward(probs, target_sum, *targets)
+        ctx.temp, ctx.input_dtype, ctx.used = temp, student_logits.dtype, False
+        return loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        scaled, target, lse, target_sum = ctx.saved_tensors
-        grad = (scaled - lse.unsqueeze(-1)).exp_()  # softmax(s / τ)
-        grad.mul_(target_sum.unsqueeze(-1)).sub_(target).mul_((grad_out / ctx.temp).unsqueeze(-1))
-        return grad.to(ctx.input_dtype), None, None
+        if ctx.used:  # the saved probabilities became the gradient the first time
+            raise RuntimeError("soft_cross_entropy supports one backward pass (no retain_graph=True)")
+        ctx.used = True
+        probs, target_sum, *targets = ctx.saved_tensors
+        n_rows, n_cols = probs.shape
+        scale = grad_out.float() / ctx.temp
+        for r, r_end, target in _segment_blocks(targets, n_rows, n_cols):
+            probs[r:r_end].mul_((target_sum[r:r_end] * scale[r:r_end])[:, None])
+            probs[r:r_end].addcmul_(target, scale[r:r_end, None], value=-1.0)
+        return (probs.to(ctx.input_dtype), None, *([None] * len(targets)))
 
 
-def soft_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float) -> torch.Tensor:
-    """Per row ``-Σ_k t · log_softmax(s / τ)`` for ``[rows, K]`` inputs (fp32); no gradient to the teacher."""
-    if student_logits.ndim != 2:
-        student_logits, teacher_probs = student_logits.reshape(-1, student_logits.shape[-1]), teacher_probs.reshape(
-            -1, teacher_probs.shape[-1]
+def _segment_blocks(targets: Sequence[torch.Tensor], n_rows: int, n_cols: int):
+    """``(row, row_end, target rows)`` blocks over consecutive target segments covering ``n_rows`` logits rows."""
+    if sum(t.shape[0] for t in targets) != n_rows:
+        raise ValueError(
+            f"targets cover {sum(t.shape[0] for t in targets)} rows, the logits have {n_rows}: give one target row "
+            "per logits row"
         )
+    offset = 0
+    for target in targets:
+        blocks = _row_blocks(target.shape[0], n_cols)
+        for r in blocks:
+            r_end = min(r + blocks.step, target.shape[0])
+            yield offset + r, offset + r_end, target[r:r_end]
+        offset += target.shape[0]
+
+
+def soft_cross_entropy(
+    student_logits: torch.Tensor,
+    teacher_probs: torch.Tensor | Sequence[torch.Tensor],
+    student_temp: float,
+) -> torch.Tensor:
+    """Per row ``-Σ_k t · log_softmax(s / τ)`` for ``[rows, K]`` logits (fp32); no gradient to the teacher.
+
+    ``teacher_probs`` is one tensor shaped like the logits, or a sequence of ``[r_i, K]`` tensors whose rows, in
+    order, are the targets of the logits' rows (``Σ r_i = rows``): the same as concatenating them, without the
+    copy. Targets need not sum to 1 (the cross-entropy is linear in the target).
+    """
+    if isinstance(teacher_probs, torch.Tensor):
+        if teacher_probs.shape != student_logits.shape:
+            raise ValueError(
+                f"teacher {tuple(teacher_probs.shape)} and student {tuple(student_logits.shape)} shapes differ"
+            )
+        teacher_probs = [teacher_probs]
+    n_cols = student_logits.shape[-1]
+    student_logits = student_logits.reshape(-1, n_cols)
+    targets = [t.detach().float().reshape(-1, n_cols) for t in teacher_probs]
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
-        return _SoftCrossEntropy.apply(student_logits, teacher_probs.detach(), student_temp)
+        return _SoftCrossEntropy.apply(student_logits, student_temp, *targets)
 
 
 def _crop_list(crops: Sequence[torch.Tensor] | torch.Tensor, name: str) -> list[torch.Tensor]:
@@ -267,6 +351,38 @@ def dino_loss(
     return total
 
 
+def dino_crop_targets(teacher_probs: torch.Tensor, n_global_crops: int, n_local_crops: int) -> list[torch.Tensor]:
+    """Targets, as row segments for :func:`soft_cross_entropy`, of the student CLS rows
+    ``[global crops (crop-major)..., local crops (crop-major)...]`` in the official pairing.
+
+    Global crop ``i`` is paired with every *other* teacher global crop and local crops with all of them; the
+    cross-entropy is linear in the target, so a crop's several pairs are one target: the sum of its partners.
+    """
+    chunks = teacher_probs.float().chunk(n_global_crops)
+    total = torch.stack(chunks).sum(0) if n_global_crops > 1 else chunks[0]
+    if n_global_crops == 2:
+        global_targets = [chunks[1], chunks[0]]
+    else:
+        global_targets = [total - chunk for chunk in chunks]
+    return global_targets + [total] * n_local_crops
+
+
+def dino_crop_losses_from_rows(
+    per_row: torch.Tensor, batch: int, n_global_crops: int, n_local_crops: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(global, local)`` DINO terms from the per-row cross-entropies of the rows of :func:`dino_crop_targets`.
+
+    Every pair's cross-entropy is a row mean over the batch and both terms are divided by the official
+    ``n_terms = n_global·(n_global-1) + max(n_global·n_local, 1)``.
+    """
+    n_terms = n_global_crops * (n_global_crops - 1) + max(n_global_crops * n_local_crops, 1)
+    n_global_rows = n_global_crops * batch
+    global_loss = per_row[:n_global_rows].sum() / (batch * n_terms)
+    if n_local_crops == 0:
+        return global_loss, global_loss.new_zeros(())
+    return global_loss, per_row[n_global_rows:].sum() / (batch * n_terms)
+
+
 def dino_crop_losses(
     student_global_logits: torch.Tensor,
     student_local_logits: torch.Tensor | None,
@@ -288,6 +404,8 @@ def dino_crop_losses(
       counts ``max(0, 1) = 1`` local term in ``n_terms``).
 
     ``CE`` is the row mean of :func:`dino_loss`. Multiply both by the DINO loss weight.
+    (:class:`~modeling.DinoForPretraining` computes the same with :func:`dino_crop_targets` and
+    :func:`dino_crop_losses_from_rows`, sharing one cross-entropy call with the iBOT rows.)
     """
     if teacher_probs.shape != student_global_logits.shape or teacher_probs.shape[0] % n_global_crops:
         raise ValueError(
@@ -299,22 +417,9 @@ def dino_crop_losses(
     if batch == 0 or n_local_rows % batch:
         raise ValueError(f"student_local_logits has {n_local_rows} rows, not a multiple of the batch size {batch}")
     n_local_crops = n_local_rows // batch
-    teacher_chunks = teacher_probs.chunk(n_global_crops)
-    student_chunks = student_global_logits.chunk(n_global_crops)
-    n_terms = n_global_crops * (n_global_crops - 1) + max(n_global_crops * n_local_crops, 1)
-
-    global_loss = student_global_logits.new_zeros((), dtype=torch.float32)
-    for i, s in enumerate(student_chunks):
-        for j, t in enumerate(teacher_chunks):
-            if i != j:
-                global_loss = global_loss + dino_loss([s], [t], student_temp)
-    global_loss = global_loss / n_terms
-
-    if n_local_crops == 0:
-        local_loss = global_loss.new_zeros(())
-    else:
-        local_loss = dino_loss(student_local_logits.chunk(n_local_crops), teacher_chunks, student_temp) / n_terms
-    return global_loss, local_loss
+    rows = student_global_logits if n_local_crops == 0 else torch.cat((student_global_logits, student_local_logits))
+    per_row = soft_cross_entropy(rows, dino_crop_targets(teacher_probs, n_global_crops, n_local_crops), student_temp)
+    return dino_crop_losses_from_rows(per_row, batch, n_global_crops, n_local_crops)
 
 
 def masked_patch_weights(masks: torch.Tensor) -> torch.Tensor:
@@ -348,7 +453,12 @@ def ibot_loss(
             f"{tuple(student_masked_logits.shape)} and teacher {tuple(teacher_masked_probs.shape)}"
         )
     per_patch = soft_cross_entropy(student_masked_logits, teacher_masked_probs, student_temp)
-    return (per_patch * weights).sum() / masks.shape[0]
+    return ibot_loss_from_rows(per_patch, masks)
+
+
+def ibot_loss_from_rows(per_patch: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """:func:`ibot_loss` from the masked patches' cross-entropies (``x[masks]`` order): image-balanced sum / B."""
+    return (per_patch * masked_patch_weights(masks)).sum() / masks.shape[0]
 
 
 def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

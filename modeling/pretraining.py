@@ -17,7 +17,14 @@ from transformers import PretrainedConfig
 from transformers.utils import ModelOutput
 
 from .heads import DinoHead, WeightNormLinear
-from .losses import dino_crop_losses, ibot_loss, koleo_loss, teacher_targets
+from .losses import (
+    dino_crop_losses_from_rows,
+    dino_crop_targets,
+    ibot_loss_from_rows,
+    koleo_loss,
+    soft_cross_entropy,
+    teacher_targets,
+)
 from .vision_transformer import DinoVisionConfig, DinoVisionModel, DinoVisionPreTrainedModel
 
 
@@ -174,9 +181,32 @@ class DinoForPretraining(DinoVisionPreTrainedModel):
         if self.config.separate_ibot_head:
             return tower["dino_head"](cls_tokens), tower["ibot_head"](masked_tokens)
         logits = tower["dino_head"](torch.cat((cls_tokens, masked_tokens)))
-        # split, not slicing: a slice's backward writes into a zero-filled copy of the whole [rows, K] logits
         cls_logits, masked_logits = logits.split([cls_tokens.shape[0], masked_tokens.shape[0]])
         return cls_logits, masked_logits
+
+    def _student_cross_entropies(
+        self,
+        cls_tokens: torch.Tensor,
+        masked_tokens: torch.Tensor | None,
+        dino_targets: list[torch.Tensor],
+        ibot_targets: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row student cross-entropies of the DINO rows (CLS tokens) and the iBOT rows (masked tokens).
+
+        A shared head runs once on all rows and feeds one cross-entropy call, so the [rows, K] logits are never
+        split or concatenated (their gradient is written once, in place); a separate iBOT head gets its own call.
+        Rows without a target (DINO or iBOT off) do not go through the head.
+        """
+        temp = self.config.student_temp
+        cls_tokens = cls_tokens if dino_targets else cls_tokens[:0]
+        masked_tokens = masked_tokens if ibot_targets else cls_tokens[:0]
+        if self.config.separate_ibot_head:
+            dino_ce = soft_cross_entropy(self.student["dino_head"](cls_tokens), dino_targets, temp)
+            ibot_ce = soft_cross_entropy(self.student["ibot_head"](masked_tokens), ibot_targets, temp)
+            return dino_ce, ibot_ce
+        logits = self.student["dino_head"](torch.cat((cls_tokens, masked_tokens)))
+        per_row = soft_cross_entropy(logits, dino_targets + ibot_targets, temp)
+        return per_row.split([cls_tokens.shape[0], masked_tokens.shape[0]])
 
     def _check_inputs(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None, masks: torch.Tensor | None):
         if global_crops.ndim != 4 or global_crops.shape[0] % 2:
@@ -239,18 +269,19 @@ class DinoForPretraining(DinoVisionPreTrainedModel):
         s_cls = s_global[:, 0]
         s_local_cls = self.student["backbone"](local_crops).pooler_output if has_local and cfg.use_dino else None
         s_masked = s_global[:, 1 + n_reg :][ibot_masks] if ibot_masks is not None else None
+        batch = global_crops.shape[0] // 2
+        n_local = 0 if s_local_cls is None else s_local_cls.shape[0] // batch
         s_cls_all = s_cls if s_local_cls is None else torch.cat((s_cls, s_local_cls))
-        s_cls_logits, s_masked_logits = self._apply_heads(self.student, s_cls_all, s_masked)
+
+        # ---- per-row cross-entropies: one call per head over all its rows (targets paired row by row)
+        dino_targets = dino_crop_targets(t_probs, 2, n_local) if cfg.use_dino else []
+        ibot_targets = [t_masked_probs] if ibot_masks is not None else []
+        dino_ce, ibot_ce = self._student_cross_entropies(s_cls_all, s_masked, dino_targets, ibot_targets)
 
         zero = s_cls.new_zeros((), dtype=torch.float32)
         dino_global = dino_local = ibot_term = koleo_term = zero
         if cfg.use_dino:
-            s_global_logits, s_local_logits = s_cls_logits, None
-            if s_local_cls is not None:
-                s_global_logits, s_local_logits = s_cls_logits.split([s_cls.shape[0], s_local_cls.shape[0]])
-            dino_global, dino_local = dino_crop_losses(
-                s_global_logits, s_local_logits, t_probs, n_global_crops=2, student_temp=cfg.student_temp
-            )
+            dino_global, dino_local = dino_crop_losses_from_rows(dino_ce, batch, 2, n_local)
             dino_global = cfg.dino_weight * dino_global
             dino_local = cfg.dino_weight * dino_local
         if cfg.use_koleo:
@@ -258,9 +289,9 @@ class DinoForPretraining(DinoVisionPreTrainedModel):
             koleo_term = cfg.koleo_weight * sum(koleo_loss(c) for c in s_cls.chunk(2))
         if ibot_masks is not None:
             if _all_reduce_count(int(ibot_masks.sum()), ibot_masks.device) > 0:
-                ibot_term = cfg.ibot_weight * ibot_loss(s_masked_logits, t_masked_probs, ibot_masks, cfg.student_temp)
+                ibot_term = cfg.ibot_weight * ibot_loss_from_rows(ibot_ce, ibot_masks)
             else:  # no masked patch anywhere: keep the head in the graph so DDP sees its (zero) gradients
-                ibot_term = 0.0 * s_masked_logits.sum()
+                ibot_term = 0.0 * ibot_ce.sum()
 
         loss = dino_global + dino_local + ibot_term + koleo_term
         with torch.no_grad():

@@ -203,6 +203,29 @@ def test_teacher_targets_dispatch():
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("block_elements", [1 << 18, 7 * 50])  # one block; blocks of 7 rows across segments
+def test_soft_cross_entropy_segments_match_autograd(monkeypatch, block_elements):
+    import modeling.losses as losses
+
+    monkeypatch.setattr(losses, "_BLOCK_ELEMENTS", block_elements)
+    torch.manual_seed(0)
+    logits = (torch.randn(37, 50) * 3).requires_grad_()
+    targets = [torch.softmax(torch.randn(n, 50), -1) * w for n, w in ((5, 1.0), (12, 2.0), (20, 1.0))]
+    weights = torch.rand(37)
+    got = losses.soft_cross_entropy(logits, targets, 0.1)
+    (got * weights).sum().backward()
+    grad, logits.grad = logits.grad, None
+
+    ref = -(torch.cat(targets) * torch.log_softmax(logits / 0.1, -1)).sum(-1)
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, logits.grad, rtol=1e-5, atol=1e-6)
+    # one target tensor = the same; a wrong row count names the problem
+    torch.testing.assert_close(losses.soft_cross_entropy(logits, torch.cat(targets), 0.1), got)
+    with pytest.raises(ValueError, match="targets cover 17 rows, the logits have 37"):
+        losses.soft_cross_entropy(logits, targets[:2], 0.1)
+
+
 def test_dino_loss_hand_value():
     tau = 0.1
     student = torch.tensor([[0.0, math.log(3.0) * tau]])  # softmax(s / tau) = [1/4, 3/4]

@@ -23,6 +23,7 @@ from .augment import MultiCropAugmentation
 from .build import build_pretraining_model
 from .checkpoint import load_trainer_state, resolve_resume, save_checkpoint
 from .config import save_config, to_dict
+from .cpu_memory import keep_freed_memory
 from .data import build_dataloader, load_image_dataset, set_loader_epoch
 from .masking import BlockMaskGenerator
 from .param_groups import apply_schedule, param_groups
@@ -55,6 +56,8 @@ def train(cfg: TrainConfig) -> dict:
         cpu=not torch.cuda.is_available(),
     )
     set_seed(cfg.train.seed)
+    if accelerator.device.type == "cpu":
+        keep_freed_memory()  # reuse the step's large buffers instead of page-faulting them in again (cpu_memory.py)
     if accelerator.device.type == "cpu" and cfg.data.num_workers > 0 and "OMP_NUM_THREADS" not in os.environ:
         # DataLoader workers need cores too: oversubscribed OpenMP threads spin-wait and were measured 10x slower
         # (3.3 vs 37 img/s for the quickstart on 2 cores). `accelerate launch` sets OMP_NUM_THREADS itself.

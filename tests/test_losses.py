@@ -107,6 +107,15 @@ def test_sinkhorn_matches_loop_reference():
         assert close(got, ref_sinkhorn(logits, 0.1, n_iterations))
 
 
+def test_sinkhorn_row_blocks_do_not_change_the_result(monkeypatch):
+    import modeling.losses as losses
+
+    logits = torch.randn(29, 40)
+    whole = sinkhorn_knopp(logits, 0.07)
+    monkeypatch.setattr(losses, "_BLOCK_ELEMENTS", 3 * 40)  # 3-row blocks, the last one short
+    torch.testing.assert_close(sinkhorn_knopp(logits, 0.07), whole, rtol=0, atol=0)
+
+
 def test_sinkhorn_marginals():
     torch.manual_seed(1)
     n_samples, n_protos = 12, 4

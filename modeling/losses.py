@@ -132,11 +132,11 @@ def sinkhorn_knopp(
     # fp32 like the official code: bf16/fp16 exponentials of logits / 0.04 lose the ordering of near-ties.
     logits = teacher_logits.float().reshape(-1, shape[-1])
     n_rows, n_cols = logits.shape
-    col_max = _global_column_max(logits)
+    shift = _global_column_max(logits).div_(-teacher_temp)
     q = torch.empty_like(logits)
     blocks = _row_blocks(n_rows, n_cols)
-    for r in blocks:
-        torch.sub(logits[r : r + blocks.step], col_max, out=q[r : r + blocks.step]).div_(teacher_temp).exp_()
+    for r in blocks:  # exp(logits / T - max / T)
+        torch.add(shift, logits[r : r + blocks.step], alpha=1.0 / teacher_temp, out=q[r : r + blocks.step]).exp_()
     row_scale = q.new_ones(n_rows)
     for _ in range(n_iterations):
         # Prototypes: each gets mass (global rows) / K, summed over the samples of all processes; the row count
@@ -242,11 +242,11 @@ class _SoftCrossEntropy(torch.autograd.Function):
         loss = logits.new_empty(n_rows)
         for r, r_end, target in _segment_blocks(targets, n_rows, n_cols):
             x, p = logits[r:r_end], probs[r:r_end]
-            row_max = x.amax(dim=-1, keepdim=True)
-            torch.sub(x, row_max, out=p).div_(temp).exp_()
+            shift = x.amax(dim=-1, keepdim=True).div_(temp)
+            torch.add(-shift, x, alpha=1.0 / temp, out=p).exp_()  # exp(s / τ - max / τ)
             sum_exp = p.sum(dim=-1, keepdim=True)
             p.div_(sum_exp)
-            lse = sum_exp.log_().squeeze(-1).add_(row_max.squeeze(-1), alpha=1.0 / temp)
+            lse = sum_exp.log_().add_(shift).squeeze(-1)
             dot = (target * x).sum(dim=-1).div_(temp)  # (bmm here was ~10x slower on CPU for few rows)
             target_sum[r:r_end] = target.sum(dim=-1)
             loss[r:r_end] = lse * target_sum[r:r_end] - dot

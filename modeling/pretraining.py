@@ -312,8 +312,8 @@ class DinoForPretraining(DinoVisionPreTrainedModel):
         """EMA: `teacher = momentum * teacher + (1 - momentum) * student` (1.0 keeps the teacher, 0.0 copies)."""
         t_params = list(self.teacher.parameters())
         s_params = list(self.student.parameters())
-        torch._foreach_mul_(t_params, momentum)
-        torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+        # lerp: one pass over the teacher (mul_ + add_ took two); exact at momentum 0 (copy) and 1 (no change)
+        torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
 
     @property
     def teacher_backbone(self) -> DinoVisionModel:

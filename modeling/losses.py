@@ -79,9 +79,10 @@ def _global_column_max(q: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------
 
 
-# Row blocks of [rows, K] work: ~1 MiB of fp32 per block, so the temporaries of the element-wise passes stay in
-# cache (and in malloc's reused pool instead of fresh page-faulted mappings) and memory is traversed once per block.
-_BLOCK_ELEMENTS = 1 << 18
+# Row blocks of [rows, K] work: ~4 MiB of fp32 per block (16 rows at K = 65,536), so the element-wise passes over
+# a block run in cache and memory is traversed once per block; smaller blocks cost more in per-op overhead (measured
+# on 2 cores: cross-entropy fwd+bwd over [691, 65,536] 39 ms at 4 MiB, 48 ms at 1 MiB, 57 ms at 0.5 MiB).
+_BLOCK_ELEMENTS = 1 << 20
 
 
 def _row_blocks(n_rows: int, n_cols: int) -> range:

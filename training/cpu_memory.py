@@ -4,8 +4,8 @@ A pretraining step allocates and frees several ``[rows, 65,536]`` fp32 buffers (
 teacher targets, gradients). glibc serves allocations that large with fresh ``mmap`` calls and unmaps them when
 they are freed, so every step page-faults that memory back in, zero-filled. Measured on the ViT-S/14 step of
 ``benchmarks/step_time.py`` (2 cores): ~290k minor page faults and 8.4 s per step by default; with the thresholds
-below, 0 to 10k faults per step in the steady state and 7.3 s. The price: the process keeps its peak heap (RSS does not shrink
-after a peak), which a training process reaches again at the next step anyway.
+below, 0 to 10k faults per step in the steady state and 7.3 s. The price: the process keeps its peak heap (RSS
+does not shrink after a peak), which a training process reaches again at the next step anyway.
 
 PyTorch's CPU performance guides recommend jemalloc/tcmalloc (``LD_PRELOAD``) for the same reason; this needs no
 extra library. ``DINOFORGE_MALLOC_TUNING=0`` turns it off.

@@ -295,7 +295,6 @@ def _crop_pipelines(cfg: TrainConfig, patch: int):
     return augmentations, (generators if cfg.loss.ibot_weight > 0 else None), probabilities
 
 
-
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():

@@ -4,12 +4,15 @@ Each function reproduces the official DINOv2 module it is named after (``dinov2/
 rounding, including under ``torch.distributed`` (default process group). State (the centers) is passed in and
 returned instead of living in module buffers, so the caller decides where it is stored and checkpointed.
 
-How ``dinov2/train/ssl_meta_arch.py`` combines these pieces (and how to reproduce it with this module):
+The file follows the official modules: teacher side (``softmax_center_teacher``, ``update_center``,
+``sinkhorn_knopp_teacher``), then ``DINOLoss``, ``iBOTPatchLoss`` and ``KoLeoLoss``. How
+``dinov2/train/ssl_meta_arch.py`` combines them:
 
 * Teacher sees the 2 global crops only. Its CLS logits ``[2B, K]`` (crop-major) become targets with
   :func:`sinkhorn_knopp` or :func:`centered_softmax` (then :func:`update_center` with the same logits: the
   official code centers with the center *before* this step's update). :func:`teacher_targets` does both.
-* DINO loss pairs and normalisation: see :func:`dino_crop_losses`.
+* DINO: each student global crop against the *other* teacher global crop, local crops against both;
+  :func:`dino_crop_targets` and :func:`dino_crop_losses_from_rows` around one :func:`soft_cross_entropy` call.
 * iBOT: the teacher logits of the masked patches of the global crops (``x[masks]`` order) go through the same
   target function (their own center); the loss is :func:`ibot_loss`, weight 1 (``* 2 * 1/2`` officially).
 * KoLeo: ``sum(koleo_loss(c) for c in student_global_cls_before_head.chunk(2))`` times its weight (0.1); per
@@ -24,9 +27,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .fused_cross_entropy import fused_soft_cross_entropy, row_blocks
+
 __all__ = [
     "centered_softmax",
-    "dino_crop_losses",
     "dino_crop_losses_from_rows",
     "dino_crop_targets",
     "dino_loss",
@@ -34,122 +38,16 @@ __all__ = [
     "ibot_loss_from_rows",
     "koleo_loss",
     "masked_patch_weights",
-    "soft_cross_entropy",
     "sinkhorn_knopp",
+    "soft_cross_entropy",
     "teacher_targets",
     "update_center",
 ]
 
-# The official KoLeoLoss builds ``nn.PairwiseDistance(2, eps=1e-8)`` once; its eps is independent of the
-# ``eps`` passed to forward (which only goes to the normalisation and the log).
-_KOLEO_PDIST_EPS = 1e-8
-
 
 # --------------------------------------------------------------------------------------------------------------
-# distributed helpers (no-ops in a single process)
+# Teacher targets and centers (official softmax_center_teacher, update_center, sinkhorn_knopp_teacher)
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if _is_distributed() else 1
-
-
-def _all_reduce_(tensor: torch.Tensor, op: dist.ReduceOp | None = None) -> torch.Tensor:
-    """In-place all-reduce (sum unless ``op`` says otherwise) over the default group, synchronous; returns ``tensor``."""
-    if _is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op)
-    return tensor
-
-
-def _global_column_max(q: torch.Tensor) -> torch.Tensor:
-    """Per-column max over the rows of all processes, ``[1, K]``; a process without rows contributes -inf."""
-    if q.shape[0] > 0:
-        col_max = q.amax(dim=0, keepdim=True)
-    else:  # e.g. no masked patch in this process's iBOT batch
-        col_max = q.new_full((1, q.shape[1]), float("-inf"))
-    return _all_reduce_(col_max, dist.ReduceOp.MAX)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# teacher targets and centers
-# --------------------------------------------------------------------------------------------------------------
-
-
-# Row blocks of [rows, K] work: ~4 MiB of fp32 per block (16 rows at K = 65,536), so the element-wise passes over
-# a block run in cache and memory is traversed once per block; smaller blocks cost more in per-op overhead (measured
-# on 2 cores: cross-entropy fwd+bwd over [691, 65,536] 39 ms at 4 MiB, 48 ms at 1 MiB, 57 ms at 0.5 MiB).
-_BLOCK_ELEMENTS = 1 << 20
-
-
-def _row_blocks(n_rows: int, n_cols: int) -> range:
-    return range(0, n_rows, max(1, _BLOCK_ELEMENTS // max(n_cols, 1)))
-
-
-def _safe_reciprocal(sums: torch.Tensor, numerator: float | torch.Tensor) -> torch.Tensor:
-    """``numerator / sums``, and 0 where a sum is 0 (a fully underflowed row or column stays 0, never NaN)."""
-    return torch.where(sums > 0, numerator / sums.clamp_min(torch.finfo(sums.dtype).tiny), 0.0)
-
-
-@torch.no_grad()
-def sinkhorn_knopp(
-    teacher_logits: torch.Tensor,
-    teacher_temp: float,
-    n_iterations: int = 3,
-    n_samples: int | torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Sinkhorn-Knopp teacher assignment (official ``sinkhorn_knopp_teacher``), global over all processes.
-
-    ``teacher_logits`` is ``[..., K]`` (leading dims are samples); returns fp32 probabilities of the same shape
-    whose rows sum to 1. Each iteration first gives every prototype the same total mass over the samples of
-    *all* processes (all-reduce), then renormalises every sample; after the last iteration the rows are exact
-    assignments and the global column sums are ≈ ``n_samples / K``.
-
-    ``n_samples`` is the total number of rows over all processes (``B`` in the paper; official iBOT passes the
-    all-reduced masked-patch count, DINO uses rows × world size, the default here). It is accepted for parity
-    with the official signature only: the official code divides by ``B`` after each column normalisation and
-    multiplies by ``B`` at the end, and the next normalisation cancels every such constant (as well as the
-    initial division by the total and the ``1/K``), so the result does not depend on it. Callers therefore
-    need not all-reduce a count for it.
-
-    Unlike the official code, each prototype's logits are shifted by their global max before ``exp``: the
-    official ``exp(logits / T)`` overflows fp32 once ``logits / T`` exceeds ~88 (low teacher temperatures, grown
-    weight-norm gains). A per-prototype factor cancels exactly in the first prototype normalisation, so the
-    result is otherwise equal.
-
-    The iterations keep the result as ``diag(a) · Q · diag(b)`` with ``Q = exp(...)`` and update only the
-    scaling vectors: a column normalisation is ``b = 1 / (aᵀQ)``, a row normalisation ``a = 1 / (Q b)``, two
-    matrix-vector products that read ``Q`` once each instead of rewriting it. With 65,536 prototypes this runs on
-    every step; the official in-place form traverses the ``[rows, K]`` matrix about 2.5x as often.
-    """
-    if n_iterations < 1:
-        # With 0 iterations the official output is exp(l/T)/Σ·B: not an assignment and B-dependent.
-        raise ValueError(f"sinkhorn_knopp needs n_iterations >= 1, got {n_iterations}")
-    del n_samples  # cancels exactly, see docstring
-    shape = teacher_logits.shape
-    # fp32 like the official code: bf16/fp16 exponentials of logits / 0.04 lose the ordering of near-ties.
-    logits = teacher_logits.float().reshape(-1, shape[-1])
-    n_rows, n_cols = logits.shape
-    shift = _global_column_max(logits).div_(-teacher_temp)
-    q = torch.empty_like(logits)
-    blocks = _row_blocks(n_rows, n_cols)
-    for r in blocks:  # exp(logits / T - max / T)
-        torch.add(shift, logits[r : r + blocks.step], alpha=1.0 / teacher_temp, out=q[r : r + blocks.step]).exp_()
-    row_scale = q.new_ones(n_rows)
-    for _ in range(n_iterations):
-        # Prototypes: each gets mass (global rows) / K, summed over the samples of all processes; the row count
-        # rides along in the same all-reduce. (Targets consistent with the rows' total keep a and b bounded.)
-        stats = _all_reduce_(torch.cat((row_scale @ q, q.new_full((1,), n_rows))))
-        col_sums, total_rows = stats[:n_cols], stats[n_cols]
-        col_scale = _safe_reciprocal(col_sums, total_rows / n_cols)
-        # Samples: each row becomes a distribution over prototypes (local: a row lives on one process).
-        row_scale = _safe_reciprocal(q @ col_scale, 1.0)
-    for r in blocks:
-        q[r : r + blocks.step].mul_(col_scale).mul_(row_scale[r : r + blocks.step, None])
-    return q.reshape(shape)
 
 
 @torch.no_grad()
@@ -193,6 +91,64 @@ def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: 
 
 
 @torch.no_grad()
+def sinkhorn_knopp(
+    teacher_logits: torch.Tensor,
+    teacher_temp: float,
+    n_iterations: int = 3,
+    n_samples: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sinkhorn-Knopp teacher assignment (official ``sinkhorn_knopp_teacher``), global over all processes.
+
+    ``teacher_logits`` is ``[..., K]`` (leading dims are samples); returns fp32 probabilities of the same shape
+    whose rows sum to 1. Each iteration first gives every prototype the same total mass over the samples of
+    *all* processes (all-reduce), then renormalises every sample; after the last iteration the rows are exact
+    assignments and the global column sums are ≈ ``n_samples / K``.
+
+    ``n_samples`` is the total number of rows over all processes (``B`` in the paper; official iBOT passes the
+    all-reduced masked-patch count, DINO uses rows × world size, the default here). It is accepted for parity
+    with the official signature only: the official code divides by ``B`` after each column normalisation and
+    multiplies by ``B`` at the end, and the next normalisation cancels every such constant (as well as the
+    initial division by the total and the ``1/K``), so the result does not depend on it. Callers therefore
+    need not all-reduce a count for it.
+
+    Unlike the official code, each prototype's logits are shifted by their global max before ``exp``: the
+    official ``exp(logits / T)`` overflows fp32 once ``logits / T`` exceeds ~88 (low teacher temperatures, grown
+    weight-norm gains). A per-prototype factor cancels exactly in the first prototype normalisation, so the
+    result is otherwise equal.
+
+    The iterations keep the result as ``diag(a) · Q · diag(b)`` with ``Q = exp(...)`` and update only the
+    scaling vectors: a column normalisation is ``b = 1 / (aᵀQ)``, a row normalisation ``a = 1 / (Q b)``, two
+    matrix-vector products that read ``Q`` once each instead of rewriting it. With 65,536 prototypes this runs on
+    every step; the official in-place form traverses the ``[rows, K]`` matrix about 2.5x as often.
+    """
+    if n_iterations < 1:
+        # With 0 iterations the official output is exp(l/T)/Σ·B: not an assignment and B-dependent.
+        raise ValueError(f"sinkhorn_knopp needs n_iterations >= 1, got {n_iterations}")
+    del n_samples  # cancels exactly, see docstring
+    shape = teacher_logits.shape
+    # fp32 like the official code: bf16/fp16 exponentials of logits / 0.04 lose the ordering of near-ties.
+    logits = teacher_logits.float().reshape(-1, shape[-1])
+    n_rows, n_cols = logits.shape
+    shift = _global_column_max(logits).div_(-teacher_temp)
+    q = torch.empty_like(logits)
+    blocks = row_blocks(n_rows, n_cols)  # element-wise passes in cache-sized row blocks
+    for r in blocks:  # exp(logits / T - max / T)
+        torch.add(shift, logits[r : r + blocks.step], alpha=1.0 / teacher_temp, out=q[r : r + blocks.step]).exp_()
+    row_scale = q.new_ones(n_rows)
+    for _ in range(n_iterations):
+        # Prototypes: each gets mass (global rows) / K, summed over the samples of all processes; the row count
+        # rides along in the same all-reduce. (Targets consistent with the rows' total keep a and b bounded.)
+        stats = _all_reduce_(torch.cat((row_scale @ q, q.new_full((1,), n_rows))))
+        col_sums, total_rows = stats[:n_cols], stats[n_cols]
+        col_scale = _safe_reciprocal(col_sums, total_rows / n_cols)
+        # Samples: each row becomes a distribution over prototypes (local: a row lives on one process).
+        row_scale = _safe_reciprocal(q @ col_scale, 1.0)
+    for r in blocks:
+        q[r : r + blocks.step].mul_(col_scale).mul_(row_scale[r : r + blocks.step, None])
+    return q.reshape(shape)
+
+
+@torch.no_grad()
 def teacher_targets(
     teacher_logits: torch.Tensor,
     teacher_temp: float,
@@ -216,74 +172,8 @@ def teacher_targets(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# losses
+# Student cross-entropy, shared by DINO and iBOT
 # --------------------------------------------------------------------------------------------------------------
-
-
-class _SoftCrossEntropy(torch.autograd.Function):
-    """Row-wise ``-Σ_k t · log_softmax(s / τ)`` in fp32 with a hand-written backward.
-
-    Autograd through ``log_softmax`` keeps several ``[rows, K]`` temporaries (log-probabilities, their product
-    with the target, their gradients); with K = 65,536 prototypes and ~700 rows per step that memory traffic is
-    a visible part of a step. Here forward computes ``p = softmax(s/τ)`` and ``Σt · logsumexp(s/τ) - <t, s/τ>``
-    in row blocks (see ``_BLOCK_ELEMENTS``) and keeps only ``p``; backward turns ``p`` into the gradient
-    ``(p · Σt - t) / τ`` in place. One ``[rows, K]`` buffer in all, and one ``exp`` per logit.
-
-    The targets come as consecutive row segments (``targets[0]`` for the first rows, ...), so callers can pair
-    one logits tensor with targets that live in several tensors, or reuse one target tensor for several row
-    ranges, without concatenating them.
-    """
-
-    @staticmethod
-    def forward(ctx, student_logits: torch.Tensor, temp: float, *targets: torch.Tensor) -> torch.Tensor:
-        logits = student_logits.float()
-        n_rows, n_cols = logits.shape
-        probs = torch.empty_like(logits)
-        target_sum = logits.new_empty(n_rows)
-        loss = logits.new_empty(n_rows)
-        for r, r_end, target in _segment_blocks(targets, n_rows, n_cols):
-            x, p = logits[r:r_end], probs[r:r_end]
-            shift = x.amax(dim=-1, keepdim=True).div_(temp)
-            torch.add(-shift, x, alpha=1.0 / temp, out=p).exp_()  # exp(s / τ - max / τ)
-            sum_exp = p.sum(dim=-1, keepdim=True)
-            p.div_(sum_exp)
-            lse = sum_exp.log_().add_(shift).squeeze(-1)
-            dot = (target * x).sum(dim=-1).div_(temp)  # (bmm here was ~10x slower on CPU for few rows)
-            target_sum[r:r_end] = target.sum(dim=-1)
-            loss[r:r_end] = lse * target_sum[r:r_end] - dot
-        ctx.save_for_backward(probs, target_sum, *targets)
-        ctx.temp, ctx.input_dtype, ctx.used = temp, student_logits.dtype, False
-        return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        if ctx.used:  # the saved probabilities became the gradient the first time
-            raise RuntimeError("soft_cross_entropy supports one backward pass (no retain_graph=True)")
-        ctx.used = True
-        probs, target_sum, *targets = ctx.saved_tensors
-        n_rows, n_cols = probs.shape
-        scale = grad_out.float() / ctx.temp
-        for r, r_end, target in _segment_blocks(targets, n_rows, n_cols):
-            probs[r:r_end].mul_((target_sum[r:r_end] * scale[r:r_end])[:, None])
-            probs[r:r_end].addcmul_(target, scale[r:r_end, None], value=-1.0)
-        return (probs.to(ctx.input_dtype), None, *([None] * len(targets)))
-
-
-def _segment_blocks(targets: Sequence[torch.Tensor], n_rows: int, n_cols: int):
-    """``(row, row_end, target rows)`` blocks over consecutive target segments covering ``n_rows`` logits rows."""
-    if sum(t.shape[0] for t in targets) != n_rows:
-        raise ValueError(
-            f"targets cover {sum(t.shape[0] for t in targets)} rows, the logits have {n_rows}: give one target row "
-            "per logits row"
-        )
-    offset = 0
-    for target in targets:
-        blocks = _row_blocks(target.shape[0], n_cols)
-        for r in blocks:
-            r_end = min(r + blocks.step, target.shape[0])
-            yield offset + r, offset + r_end, target[r:r_end]
-        offset += target.shape[0]
 
 
 def soft_cross_entropy(
@@ -295,7 +185,8 @@ def soft_cross_entropy(
 
     ``teacher_probs`` is one tensor shaped like the logits, or a sequence of ``[r_i, K]`` tensors whose rows, in
     order, are the targets of the logits' rows (``Σ r_i = rows``): the same as concatenating them, without the
-    copy. Targets need not sum to 1 (the cross-entropy is linear in the target).
+    copy. Targets need not sum to 1 (the cross-entropy is linear in the target). Computed by the fused kernel of
+    :mod:`modeling.fused_cross_entropy` (one backward pass only).
     """
     if isinstance(teacher_probs, torch.Tensor):
         if teacher_probs.shape != student_logits.shape:
@@ -304,25 +195,13 @@ def soft_cross_entropy(
             )
         teacher_probs = [teacher_probs]
     n_cols = student_logits.shape[-1]
-    student_logits = student_logits.reshape(-1, n_cols)
-    targets = [t.detach().float().reshape(-1, n_cols) for t in teacher_probs]
-    with torch.autocast(device_type=student_logits.device.type, enabled=False):
-        return _SoftCrossEntropy.apply(student_logits, student_temp, *targets)
+    targets = [t.reshape(-1, n_cols) for t in teacher_probs]
+    return fused_soft_cross_entropy(student_logits.reshape(-1, n_cols), targets, student_temp)
 
 
-def _crop_list(crops: Sequence[torch.Tensor] | torch.Tensor, name: str) -> list[torch.Tensor]:
-    """A sequence of ``[B, K]`` tensors, or a ``[n_crops, B, K]`` tensor iterated over its first dim."""
-    if isinstance(crops, torch.Tensor):
-        if crops.ndim != 3:
-            # Iterating a 2-D tensor would silently treat every row as a "crop".
-            raise ValueError(
-                f"{name}: pass a list of [B, K] tensors or one [n_crops, B, K] tensor, got {tuple(crops.shape)}"
-            )
-        return list(crops.unbind(0))
-    crops = list(crops)
-    if not crops:
-        raise ValueError(f"{name} is empty")
-    return crops
+# --------------------------------------------------------------------------------------------------------------
+# DINO (official DINOLoss.forward, and ssl_meta_arch's crop pairing)
+# --------------------------------------------------------------------------------------------------------------
 
 
 def dino_loss(
@@ -334,7 +213,7 @@ def dino_loss(
 
     Both arguments are sequences of ``[B, K]`` tensors (or ``[n_crops, B, K]`` tensors). There is no
     normalisation and no pairing logic here; the official caller chooses pairs and divides, see
-    :func:`dino_crop_losses`. Computed in fp32.
+    :func:`dino_crop_targets`. Computed in fp32.
     """
     students = _crop_list(student_logits, "student_logits")
     teachers = _crop_list(teacher_probs, "teacher_probs")
@@ -356,8 +235,10 @@ def dino_crop_targets(teacher_probs: torch.Tensor, n_global_crops: int, n_local_
     """Targets, as row segments for :func:`soft_cross_entropy`, of the student CLS rows
     ``[global crops (crop-major)..., local crops (crop-major)...]`` in the official pairing.
 
-    Global crop ``i`` is paired with every *other* teacher global crop and local crops with all of them; the
-    cross-entropy is linear in the target, so a crop's several pairs are one target: the sum of its partners.
+    ``teacher_probs`` is ``[n_global·B, K]``, crop-major like the student global rows. Global crop ``i`` is paired
+    with every *other* teacher global crop (officially: the teacher chunks concatenated in reverse, one pair over
+    ``2B`` rows times ``loss_scales = 2``), local crops with all of them. The cross-entropy is linear in the
+    target, so a crop's several pairs are one target: the sum of its partners.
     """
     chunks = teacher_probs.float().chunk(n_global_crops)
     total = torch.stack(chunks).sum(0) if n_global_crops > 1 else chunks[0]
@@ -371,10 +252,13 @@ def dino_crop_targets(teacher_probs: torch.Tensor, n_global_crops: int, n_local_
 def dino_crop_losses_from_rows(
     per_row: torch.Tensor, batch: int, n_global_crops: int, n_local_crops: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(global, local)`` DINO terms from the per-row cross-entropies of the rows of :func:`dino_crop_targets`.
+    """``(dino_global_crops_loss, dino_local_crops_loss)`` as ``ssl_meta_arch`` forms them, from the per-row
+    cross-entropies of the rows of :func:`dino_crop_targets`.
 
     Every pair's cross-entropy is a row mean over the batch and both terms are divided by the official
-    ``n_terms = n_global·(n_global-1) + max(n_global·n_local, 1)``.
+    ``n_terms = n_global·(n_global-1) + max(n_global·n_local, 1)``. Without local crops the local term is zero
+    (the official code skips it, yet still counts ``max(0, 1) = 1`` local term in ``n_terms``). Multiply both
+    by the DINO loss weight.
     """
     n_terms = n_global_crops * (n_global_crops - 1) + max(n_global_crops * n_local_crops, 1)
     n_global_rows = n_global_crops * batch
@@ -384,50 +268,9 @@ def dino_crop_losses_from_rows(
     return global_loss, per_row[n_global_rows:].sum() / (batch * n_terms)
 
 
-def dino_crop_losses(
-    student_global_logits: torch.Tensor,
-    student_local_logits: torch.Tensor | None,
-    teacher_probs: torch.Tensor,
-    n_global_crops: int = 2,
-    student_temp: float = 0.1,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dino_global_crops_loss, dino_local_crops_loss)`` exactly as ``ssl_meta_arch`` forms them.
-
-    All inputs are crop-major (all images' crop 0, then crop 1, ...): ``student_global_logits`` and
-    ``teacher_probs`` ``[n_global·B, K]`` in the *same* crop order, ``student_local_logits``
-    ``[n_local·B, K]`` (or ``None``). With ``n_terms = n_global·(n_global-1) + max(n_global·n_local, 1)``:
-
-    * global = ``Σ_{i≠j} CE(student global i, teacher global j) / n_terms`` — each global crop is compared
-      with the teacher output of the *other* crop only. Officially the teacher chunks are concatenated in
-      reverse (``cat(t[1], t[0])``) and a single pair over ``2B`` rows is multiplied by ``loss_scales = 2``.
-    * local = ``dino_loss(local chunks, teacher chunks) / n_terms`` — every local crop against every teacher
-      global crop; zero when there are no local crops (the official code then skips the term, yet still
-      counts ``max(0, 1) = 1`` local term in ``n_terms``).
-
-    ``CE`` is the row mean of :func:`dino_loss`. Multiply both by the DINO loss weight.
-    (:class:`~modeling.DinoForPretraining` computes the same with :func:`dino_crop_targets` and
-    :func:`dino_crop_losses_from_rows`, sharing one cross-entropy call with the iBOT rows.)
-    """
-    if teacher_probs.shape != student_global_logits.shape or teacher_probs.shape[0] % n_global_crops:
-        raise ValueError(
-            f"teacher_probs {tuple(teacher_probs.shape)} and student_global_logits "
-            f"{tuple(student_global_logits.shape)} must both be [{n_global_crops}·B, K]"
-        )
-    batch = teacher_probs.shape[0] // n_global_crops
-    n_local_rows = 0 if student_local_logits is None else student_local_logits.shape[0]
-    if batch == 0 or n_local_rows % batch:
-        raise ValueError(f"student_local_logits has {n_local_rows} rows, not a multiple of the batch size {batch}")
-    n_local_crops = n_local_rows // batch
-    rows = student_global_logits if n_local_crops == 0 else torch.cat((student_global_logits, student_local_logits))
-    per_row = soft_cross_entropy(rows, dino_crop_targets(teacher_probs, n_global_crops, n_local_crops), student_temp)
-    return dino_crop_losses_from_rows(per_row, batch, n_global_crops, n_local_crops)
-
-
-def masked_patch_weights(masks: torch.Tensor) -> torch.Tensor:
-    """Per masked patch, ``1 / (number of masked patches of its image)``, in ``x[masks]`` order (official collate)."""
-    masks = masks.flatten(1).bool()
-    per_image = 1.0 / masks.sum(dim=-1).clamp(min=1).float()
-    return per_image.unsqueeze(-1).expand_as(masks)[masks]
+# --------------------------------------------------------------------------------------------------------------
+# iBOT (official iBOTPatchLoss.forward_masked)
+# --------------------------------------------------------------------------------------------------------------
 
 
 def ibot_loss(
@@ -447,10 +290,10 @@ def ibot_loss(
     ``masks_weight`` from the collate; both equal what this function derives from ``masks`` when exactly the
     masked rows are given, which is the only form accepted here. Computed in fp32.
     """
-    weights = masked_patch_weights(masks)
-    if student_masked_logits.shape[0] != weights.shape[0] or teacher_masked_probs.shape != student_masked_logits.shape:
+    n_masked = masked_patch_weights(masks).shape[0]
+    if student_masked_logits.shape[0] != n_masked or teacher_masked_probs.shape != student_masked_logits.shape:
         raise ValueError(
-            f"ibot_loss expects [{weights.shape[0]}, K] rows (one per masked patch), got student "
+            f"ibot_loss expects [{n_masked}, K] rows (one per masked patch), got student "
             f"{tuple(student_masked_logits.shape)} and teacher {tuple(teacher_masked_probs.shape)}"
         )
     per_patch = soft_cross_entropy(student_masked_logits, teacher_masked_probs, student_temp)
@@ -460,6 +303,22 @@ def ibot_loss(
 def ibot_loss_from_rows(per_patch: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """:func:`ibot_loss` from the masked patches' cross-entropies (``x[masks]`` order): image-balanced sum / B."""
     return (per_patch * masked_patch_weights(masks)).sum() / masks.shape[0]
+
+
+def masked_patch_weights(masks: torch.Tensor) -> torch.Tensor:
+    """Per masked patch, ``1 / (number of masked patches of its image)``, in ``x[masks]`` order (official collate)."""
+    masks = masks.flatten(1).bool()
+    per_image = 1.0 / masks.sum(dim=-1).clamp(min=1).float()
+    return per_image.unsqueeze(-1).expand_as(masks)[masks]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# KoLeo (official KoLeoLoss)
+# --------------------------------------------------------------------------------------------------------------
+
+# The official KoLeoLoss builds ``nn.PairwiseDistance(2, eps=1e-8)`` once; its eps is independent of the
+# ``eps`` passed to forward (which only goes to the normalisation and the log).
+_KOLEO_PDIST_EPS = 1e-8
 
 
 def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -478,3 +337,44 @@ def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
             nn_index = dots.argmax(dim=1)
         distances = F.pairwise_distance(x, x[nn_index], p=2, eps=_KOLEO_PDIST_EPS)
         return -torch.log(distances + eps).mean()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Helpers: distributed reductions (no-ops in a single process), argument checks
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _all_reduce_(tensor: torch.Tensor, op: dist.ReduceOp | None = None) -> torch.Tensor:
+    """In-place all-reduce (sum unless ``op`` says otherwise) over the default group, synchronous; returns ``tensor``."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op)
+    return tensor
+
+
+def _global_column_max(q: torch.Tensor) -> torch.Tensor:
+    """Per-column max over the rows of all processes, ``[1, K]``; a process without rows contributes -inf."""
+    if q.shape[0] > 0:
+        col_max = q.amax(dim=0, keepdim=True)
+    else:  # e.g. no masked patch in this process's iBOT batch
+        col_max = q.new_full((1, q.shape[1]), float("-inf"))
+    return _all_reduce_(col_max, dist.ReduceOp.MAX)
+
+
+def _safe_reciprocal(sums: torch.Tensor, numerator: float | torch.Tensor) -> torch.Tensor:
+    """``numerator / sums``, and 0 where a sum is 0 (a fully underflowed row or column stays 0, never NaN)."""
+    return torch.where(sums > 0, numerator / sums.clamp_min(torch.finfo(sums.dtype).tiny), 0.0)
+
+
+def _crop_list(crops: Sequence[torch.Tensor] | torch.Tensor, name: str) -> list[torch.Tensor]:
+    """A sequence of ``[B, K]`` tensors, or a ``[n_crops, B, K]`` tensor iterated over its first dim."""
+    if isinstance(crops, torch.Tensor):
+        if crops.ndim != 3:
+            # Iterating a 2-D tensor would silently treat every row as a "crop".
+            raise ValueError(
+                f"{name}: pass a list of [B, K] tensors or one [n_crops, B, K] tensor, got {tuple(crops.shape)}"
+            )
+        return list(crops.unbind(0))
+    crops = list(crops)
+    if not crops:
+        raise ValueError(f"{name} is empty")
+    return crops

@@ -1,4 +1,4 @@
-"""Tests for modeling.losses: hand-checkable values, invariants, loop references, and a 2-process gloo group."""
+"""Tests for modeling.losses and the fused cross-entropy: hand values, invariants, loop references, 2-process gloo."""
 
 from __future__ import annotations
 
@@ -8,20 +8,54 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
+import modeling.fused_cross_entropy as fused_ce
+from modeling.fused_cross_entropy import fused_soft_cross_entropy, reference_soft_cross_entropy
 from modeling.losses import (
     centered_softmax,
-    dino_crop_losses,
+    dino_crop_losses_from_rows,
+    dino_crop_targets,
     dino_loss,
     ibot_loss,
     koleo_loss,
     masked_patch_weights,
     sinkhorn_knopp,
+    soft_cross_entropy,
     teacher_targets,
     update_center,
 )
 
 ATOL = 1e-5
+
+
+def dino_crop_losses(
+    student_global_logits: torch.Tensor,
+    student_local_logits: torch.Tensor | None,
+    teacher_probs: torch.Tensor,
+    n_global_crops: int = 2,
+    student_temp: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dino_global_crops_loss, dino_local_crops_loss)`` from whole crops, the way DinoForPretraining forms them.
+
+    Crop-major inputs: ``student_global_logits`` and ``teacher_probs`` ``[n_global·B, K]`` in the same crop
+    order, ``student_local_logits`` ``[n_local·B, K]`` or ``None``. Composes the model's pieces
+    (:func:`dino_crop_targets`, one :func:`soft_cross_entropy`, :func:`dino_crop_losses_from_rows`) so that this
+    module and the official-parity tests can check them against references of the official pairing.
+    """
+    if teacher_probs.shape != student_global_logits.shape or teacher_probs.shape[0] % n_global_crops:
+        raise ValueError(
+            f"teacher_probs {tuple(teacher_probs.shape)} and student_global_logits "
+            f"{tuple(student_global_logits.shape)} must both be [{n_global_crops}·B, K]"
+        )
+    batch = teacher_probs.shape[0] // n_global_crops
+    n_local_rows = 0 if student_local_logits is None else student_local_logits.shape[0]
+    if batch == 0 or n_local_rows % batch:
+        raise ValueError(f"student_local_logits has {n_local_rows} rows, not a multiple of the batch size {batch}")
+    n_local_crops = n_local_rows // batch
+    rows = student_global_logits if n_local_crops == 0 else torch.cat((student_global_logits, student_local_logits))
+    per_row = soft_cross_entropy(rows, dino_crop_targets(teacher_probs, n_global_crops, n_local_crops), student_temp)
+    return dino_crop_losses_from_rows(per_row, batch, n_global_crops, n_local_crops)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -108,11 +142,9 @@ def test_sinkhorn_matches_loop_reference():
 
 
 def test_sinkhorn_row_blocks_do_not_change_the_result(monkeypatch):
-    import modeling.losses as losses
-
     logits = torch.randn(29, 40)
     whole = sinkhorn_knopp(logits, 0.07)
-    monkeypatch.setattr(losses, "_BLOCK_ELEMENTS", 3 * 40)  # 3-row blocks, the last one short
+    monkeypatch.setattr(fused_ce, "_BLOCK_ELEMENTS", 3 * 40)  # 3-row blocks, the last one short
     torch.testing.assert_close(sinkhorn_knopp(logits, 0.07), whole, rtol=0, atol=0)
 
 
@@ -208,31 +240,97 @@ def test_teacher_targets_dispatch():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# DINO
+# Soft cross-entropy: the fused kernel against the plain autograd reference
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("block_elements", [1 << 18, 7 * 50])  # one block; blocks of 7 rows across segments
-def test_soft_cross_entropy_segments_match_autograd(monkeypatch, block_elements):
-    import modeling.losses as losses
+def _cross_entropy_case(name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(logits, target segments)`` for :func:`test_fused_soft_cross_entropy_matches_reference`."""
+    g = torch.Generator().manual_seed(0)
 
-    monkeypatch.setattr(losses, "_BLOCK_ELEMENTS", block_elements)
+    def probs(n: int, k: int) -> torch.Tensor:
+        return torch.softmax(torch.randn(n, k, generator=g) * 2, -1)
+
+    if name == "one_row":
+        return torch.randn(1, 7, generator=g), [probs(1, 7)]
+    if name == "segments":  # unnormalised segments, like DINO's sums of partner crops
+        return torch.randn(37, 50, generator=g) * 3, [probs(5, 50), probs(12, 50) * 2, probs(20, 50)]
+    if name == "zero_targets":  # all-zero target rows (and an empty segment) contribute 0 and no gradient
+        t = probs(23, 64)
+        t[[0, 7, 8, 22]] = 0
+        return torch.randn(23, 64, generator=g) * 3, [t[:9], t[9:9], t[9:]]
+    if name == "extreme":
+        # |s/τ| up to 1e5: exp overflows fp32 without the max shift; rows of equal, huge negative, masked-out logits
+        x = torch.randn(16, 40, generator=g) * 100
+        x[1], x[3] = 0.0, -1e4
+        x[2, 3] = 1e4
+        x[4, ::2] = -1e4
+        t = probs(16, 40)
+        t[2] = F.one_hot(torch.tensor(3), 40).float()  # peaked on the max: loss ≈ 0 from two terms of ~1e5
+        t[5] = F.one_hot(x[5].argmax(), 40).float()
+        t[6] = 0
+        return x, [t[:7], t[7:]]
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("block_rows", [None, 3])  # one block per segment; 3-row blocks, short last blocks
+@pytest.mark.parametrize("case", ["one_row", "segments", "zero_targets", "extreme"])
+def test_fused_soft_cross_entropy_matches_reference(monkeypatch, case, block_rows):
+    logits, targets = _cross_entropy_case(case)
+    n_rows, n_cols = logits.shape
+    if block_rows is not None:
+        monkeypatch.setattr(fused_ce, "_BLOCK_ELEMENTS", block_rows * n_cols)
+        assert n_rows <= block_rows or len(fused_ce.row_blocks(n_rows, n_cols)) > 1
+    tau = 0.1
+    grad_out = torch.rand(n_rows, generator=torch.Generator().manual_seed(1))  # per-row upstream weights
+
+    def value_and_grad(fn):
+        x = logits.clone().requires_grad_()
+        loss = fn(x, targets, tau)
+        loss.backward(grad_out)
+        return loss.detach(), x.grad
+
+    got, got_grad = value_and_grad(fused_soft_cross_entropy)
+    ref, ref_grad = value_and_grad(reference_soft_cross_entropy)
+    assert got.dtype == torch.float32 and got.shape == (n_rows,)
+    # Both forms round terms as large as max|s/τ|·Σt (the fused one subtracts two of them): allow a few fp32
+    # ulps of that per row, which is 1e-6 absolute for ordinary logits.
+    target = torch.cat(targets)
+    magnitude = logits.abs().amax(-1) / tau * target.sum(-1)
+    tol = 1e-5 * ref.abs() + 8 * torch.finfo(torch.float32).eps * magnitude + 1e-6
+    assert ((got - ref).abs() <= tol).all(), (got - ref).abs().max()
+    torch.testing.assert_close(got_grad, ref_grad, rtol=1e-5, atol=1e-5)  # gradients are O(1/τ) = O(10)
+    zero_rows = target.sum(-1) == 0
+    assert (got[zero_rows] == 0).all() and (got_grad[zero_rows] == 0).all()
+
+
+def test_soft_cross_entropy_argument_forms():
     torch.manual_seed(0)
-    logits = (torch.randn(37, 50) * 3).requires_grad_()
-    targets = [torch.softmax(torch.randn(n, 50), -1) * w for n, w in ((5, 1.0), (12, 2.0), (20, 1.0))]
-    weights = torch.rand(37)
-    got = losses.soft_cross_entropy(logits, targets, 0.1)
-    (got * weights).sum().backward()
-    grad, logits.grad = logits.grad, None
+    logits = (torch.randn(2, 6, 5) * 3).requires_grad_()
+    targets = torch.softmax(torch.randn(2, 6, 5), -1)
+    # One target tensor (any leading dims) = the same rows as segments.
+    whole = soft_cross_entropy(logits, targets, 0.1)
+    torch.testing.assert_close(whole, soft_cross_entropy(logits, list(targets.reshape(12, 5).split([4, 8])), 0.1))
+    torch.testing.assert_close(whole, reference_soft_cross_entropy(logits.reshape(12, 5), [targets.reshape(12, 5)], 0.1))
+    with pytest.raises(ValueError, match="targets cover 4 rows, the logits have 12"):
+        soft_cross_entropy(logits, [targets[0, :4]], 0.1)
+    with pytest.raises(ValueError, match="shapes differ"):
+        soft_cross_entropy(logits, targets[:1], 0.1)
+    # bf16 logits: fp32 loss, bf16 gradient; the kernel's buffer becomes the gradient, so one backward only.
+    x = logits.detach().bfloat16().requires_grad_()
+    loss = soft_cross_entropy(x, targets, 0.1)
+    assert loss.dtype == torch.float32
+    loss.sum().backward(retain_graph=True)
+    assert x.grad.dtype == torch.bfloat16
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        loss.sum().backward()
+    # No rows at all (DINO or iBOT off in the model).
+    assert soft_cross_entropy(logits[:0].reshape(0, 5), [], 0.1).shape == (0,)
 
-    ref = -(torch.cat(targets) * torch.log_softmax(logits / 0.1, -1)).sum(-1)
-    (ref * weights).sum().backward()
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(grad, logits.grad, rtol=1e-5, atol=1e-6)
-    # one target tensor = the same; a wrong row count names the problem
-    torch.testing.assert_close(losses.soft_cross_entropy(logits, torch.cat(targets), 0.1), got)
-    with pytest.raises(ValueError, match="targets cover 17 rows, the logits have 37"):
-        losses.soft_cross_entropy(logits, targets[:2], 0.1)
+
+# ----------------------------------------------------------------------------------------------------------------
+# DINO
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def test_dino_loss_hand_value():

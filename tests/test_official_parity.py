@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_losses import dino_crop_losses  # the model's DINO pieces composed over whole crops
 
 from modeling import losses
 
@@ -163,7 +164,7 @@ def compare_student_side(official_pkg, seed: int) -> dict[str, float]:
         n_terms = 2 + max(2 * n_loc, 1)
         ref_global = dino_official([s_global], [t_swapped.flatten(0, 1)]) * 2 / n_terms
         ref_local = dino_official(s_local.chunk(n_loc), t_swapped) / n_terms if n_loc else torch.zeros(())
-        our_global, our_local = losses.dino_crop_losses(s_global, s_local, teacher, student_temp=0.1)
+        our_global, our_local = dino_crop_losses(s_global, s_local, teacher, student_temp=0.1)
         deltas[f"dino_global_nlocal{n_loc}"] = max_delta(ref_global, our_global)
         deltas[f"dino_local_nlocal{n_loc}"] = max_delta(ref_local, our_local)
 

@@ -23,8 +23,6 @@ without registers) it equals it at the native grid `config.image_size` only.
 from __future__ import annotations
 
 import logging
-import math
-import re
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
@@ -39,7 +37,9 @@ from transformers import (
     Dinov2WithRegistersModel,
 )
 
+from .official import from_official_state_dict
 from .vision_transformer import DinoVisionConfig, DinoVisionModel
+from .weights import bias_or_zeros, build_from_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -56,46 +56,6 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# --------------------------------------------------------------------------------------------------------------------
-# shared helpers
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _copy(t: torch.Tensor) -> torch.Tensor:
-    # Fresh contiguous storage: q/k/v and gate/up are views of fused weights, and a converted model must never
-    # alias (or be saved as a view of) the source's parameters.
-    return t.detach().clone(memory_format=torch.contiguous_format)
-
-
-def _bias(sd: Mapping[str, torch.Tensor], key: str, size: int, like: torch.Tensor) -> torch.Tensor:
-    """`sd[key]`, or zeros where the source has no bias but the target layer always has one (exact: adds 0)."""
-    return sd[key] if key in sd else like.new_zeros(size)
-
-
-def _build(factory, state_dict: dict[str, torch.Tensor], what: str) -> nn.Module:
-    """Construct a model on the meta device and load copies of `state_dict` into it by assignment (no random init)."""
-    with torch.device("meta"):
-        model = factory()
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    bad_shapes = [
-        f"{k}: expected {tuple(expected[k].shape)}, got {tuple(v.shape)}"
-        for k, v in state_dict.items()
-        if k in expected and tuple(expected[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or bad_shapes:
-        # Internal mapping error (the config and weights disagree); name everything so it can be fixed.
-        raise ValueError(
-            f"cannot build {what}: missing keys {missing}, unexpected keys {unexpected}, shape mismatches {bad_shapes}"
-        )
-    model.load_state_dict({k: _copy(v) for k, v in state_dict.items()}, strict=True, assign=True)
-    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if leftover:
-        raise RuntimeError(f"{what}: tensors left on the meta device after loading: {leftover}")
-    return model.eval()
-
 
 def transformers_matches_at_all_sizes(config: DinoVisionConfig) -> bool:
     """Whether the stock transformers class `to_transformers` picks resamples position embeddings like `config`.
@@ -170,21 +130,21 @@ def _ours_to_hf(sd: Mapping[str, torch.Tensor], config: DinoVisionConfig) -> dic
             for proj, b in zip(("q_proj", "k_proj", "v_proj"), sd[s + "attn.qkv.bias"].chunk(3, dim=0)):
                 out[t + f"attention.{proj}.bias"] = b
         out[t + "attention.o_proj.weight"] = sd[s + "attn.proj.weight"]
-        out[t + "attention.o_proj.bias"] = _bias(sd, s + "attn.proj.bias", D, ref)
+        out[t + "attention.o_proj.bias"] = bias_or_zeros(sd, s + "attn.proj.bias", D, ref)
         out[t + "layer_scale1.lambda1"] = sd[s + "ls1.gamma"]
         out[t + "layer_scale2.lambda1"] = sd[s + "ls2.gamma"]
         if config.ffn == "swiglu":
             gate, up = sd[s + "mlp.w12.weight"].chunk(2, dim=0)  # official: silu(first half) * second half
             out[t + "mlp.gate_proj.weight"], out[t + "mlp.up_proj.weight"] = gate, up
-            gate_b, up_b = _bias(sd, s + "mlp.w12.bias", 2 * F_, ref).chunk(2, dim=0)
+            gate_b, up_b = bias_or_zeros(sd, s + "mlp.w12.bias", 2 * F_, ref).chunk(2, dim=0)
             out[t + "mlp.gate_proj.bias"], out[t + "mlp.up_proj.bias"] = gate_b, up_b
             out[t + "mlp.down_proj.weight"] = sd[s + "mlp.w3.weight"]
-            out[t + "mlp.down_proj.bias"] = _bias(sd, s + "mlp.w3.bias", D, ref)
+            out[t + "mlp.down_proj.bias"] = bias_or_zeros(sd, s + "mlp.w3.bias", D, ref)
         else:
             out[t + "mlp.fc1.weight"] = sd[s + "mlp.fc1.weight"]
-            out[t + "mlp.fc1.bias"] = _bias(sd, s + "mlp.fc1.bias", F_, ref)
+            out[t + "mlp.fc1.bias"] = bias_or_zeros(sd, s + "mlp.fc1.bias", F_, ref)
             out[t + "mlp.fc2.weight"] = sd[s + "mlp.fc2.weight"]
-            out[t + "mlp.fc2.bias"] = _bias(sd, s + "mlp.fc2.bias", D, ref)
+            out[t + "mlp.fc2.bias"] = bias_or_zeros(sd, s + "mlp.fc2.bias", D, ref)
     return out
 
 
@@ -215,7 +175,7 @@ def to_transformers(backbone: DinoVisionModel) -> Dinov2Model | Dinov2WithRegist
         )
     hf_config = _to_hf_config(config)
     model_cls = Dinov2WithRegistersModel if config.num_register_tokens else Dinov2Model
-    return _build(lambda: model_cls(hf_config), _ours_to_hf(backbone.state_dict(), config), model_cls.__name__)
+    return build_from_state_dict(lambda: model_cls(hf_config), _ours_to_hf(backbone.state_dict(), config), model_cls.__name__)
 
 
 def _square(value, name: str) -> int:
@@ -308,223 +268,7 @@ def from_transformers(hf_model: Dinov2Model | Dinov2WithRegistersModel) -> DinoV
             for name in ("fc1", "fc2"):
                 for suffix in ("weight", "bias"):
                     out[t + f"mlp.{name}.{suffix}"] = sd[s + f"mlp.{name}.{suffix}"]
-    return _build(lambda: DinoVisionModel(config), out, "DinoVisionModel")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# official DINOv2 checkpoints
-# --------------------------------------------------------------------------------------------------------------------
-
-# Where a backbone sits inside official checkpoints, in order of preference (the teacher is the model DINOv2
-# evaluates and releases). "" = a bare backbone state dict (hub `*_pretrain.pth`).
-_OFFICIAL_PREFIXES = ("teacher.backbone.", "backbone.", "student.backbone.", "")
-# Containers around the state dict: {"teacher": ...} (teacher_checkpoint.pth), {"model": ...} (training checkpoints).
-_CONTAINER_KEYS = ("teacher", "model", "state_dict", "student")
-# Wrapper segments that DDP / torch.compile / FSDP / activation checkpointing insert into parameter names.
-_WRAPPER_RE = re.compile(r"(^|\.)(module|_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
-# `blocks.N.rest` or, with block_chunks, `blocks.C.N.rest` (N is the global index: chunks are padded with Identity).
-_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(?:(\d+)\.)?(.+)$")
-_BLOCK_PARAMS = {
-    "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
-    "ls1.gamma", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
-    "mlp.w12.weight", "mlp.w12.bias", "mlp.w3.weight", "mlp.w3.bias", "ls2.gamma",
-    "mlp.w1.weight", "mlp.w1.bias", "mlp.w2.weight", "mlp.w2.bias",  # unfused SwiGLU (SwiGLUFFNAligned)
-}  # fmt: skip
-_TOP_LEVEL = {
-    "cls_token": "embeddings.cls_token",
-    "pos_embed": "embeddings.position_embeddings",
-    "register_tokens": "embeddings.register_tokens",
-    "mask_token": "embeddings.mask_token",
-    "patch_embed.proj.weight": "embeddings.patch_embed.weight",
-    "patch_embed.proj.bias": "embeddings.patch_embed.bias",
-    "norm.weight": "norm.weight",
-    "norm.bias": "norm.bias",
-}
-
-
-def _unwrap_container(state_dict: Mapping) -> Mapping:
-    sd = state_dict
-    while isinstance(sd, Mapping) and sd and not any(isinstance(v, torch.Tensor) for v in sd.values()):
-        for key in _CONTAINER_KEYS:
-            if isinstance(sd.get(key), Mapping):
-                sd = sd[key]
-                break
-        else:
-            raise ValueError(
-                f"no tensors found in the checkpoint; top-level keys are {sorted(map(str, sd))[:20]}, expected a "
-                f"state dict or a dict holding one under one of {list(_CONTAINER_KEYS)}"
-            )
-    return sd
-
-
-def _select_backbone(state_dict: Mapping, prefix: str | None) -> tuple[dict[str, torch.Tensor], str]:
-    sd = {_WRAPPER_RE.sub(r"\1", k): v for k, v in _unwrap_container(state_dict).items() if isinstance(v, torch.Tensor)}
-    if prefix is None:
-        prefix = next((p for p in _OFFICIAL_PREFIXES if p + "cls_token" in sd), None)
-        if prefix is None:
-            raise ValueError(
-                "no DINOv2 backbone found: expected a 'cls_token' key, bare or under one of "
-                f"{[p for p in _OFFICIAL_PREFIXES if p]}; got keys like {sorted(sd)[:12]}"
-            )
-    selected = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-    if not selected:
-        raise ValueError(f"no keys start with prefix {prefix!r}; got keys like {sorted(sd)[:12]}")
-    ignored = len(sd) - len(selected)
-    if ignored:  # heads, the other tower, optimizer-free extras: not part of the backbone
-        logger.info("from_official_state_dict: using keys under %r, ignoring %d others", prefix, ignored)
-    return selected, prefix
-
-
-def _map_official(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
-    """Official names → ours. Returns (mapped, ours→official name for messages, unknown official keys)."""
-    mapped: dict[str, torch.Tensor] = {}
-    origin: dict[str, str] = {}
-    unknown: list[str] = []
-    unfused: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
-
-    def put(ours: str, official: str, value: torch.Tensor) -> None:
-        if ours in mapped:
-            raise ValueError(f"official keys {origin[ours]!r} and {official!r} both map to {ours!r}")
-        mapped[ours], origin[ours] = value, official
-
-    for key, value in sd.items():
-        if key in _TOP_LEVEL:
-            put(_TOP_LEVEL[key], key, value)
-            continue
-        m = _BLOCK_RE.match(key)
-        if m and m.group(3) in _BLOCK_PARAMS:
-            index = int(m.group(2) if m.group(2) is not None else m.group(1))
-            rest = m.group(3)
-            if rest.startswith(("mlp.w1.", "mlp.w2.")):
-                unfused.setdefault(f"blocks.{index}.{rest[len('mlp.w1.') :]}", {})[rest[4:6]] = (key, value)
-            else:
-                put(f"blocks.{index}.{rest}", key, value)
-        else:
-            unknown.append(key)
-    for target, parts in unfused.items():  # w1 (gate) and w2 (value) → fused w12 = [gate; value]
-        index, suffix = target.rsplit(".", 1)
-        if set(parts) != {"w1", "w2"}:
-            unknown.extend(key for key, _ in parts.values())
-            continue
-        put(
-            f"{index}.mlp.w12.{suffix}",
-            f"{parts['w1'][0]} + {parts['w2'][0]}",
-            torch.cat([parts["w1"][1], parts["w2"][1]]),
-        )
-    return mapped, origin, sorted(unknown)
-
-
-def _infer_config(sd: Mapping[str, torch.Tensor]) -> DinoVisionConfig:
-    needed = ["embeddings.cls_token", "embeddings.position_embeddings", "embeddings.patch_embed.weight"]
-    missing = [k for k in needed if k not in sd]
-    if missing:
-        raise ValueError(f"cannot infer the config, the state dict lacks {missing}; pass config=")
-    hidden = sd["embeddings.cls_token"].shape[-1]
-    patch_w = sd["embeddings.patch_embed.weight"]
-    patch = patch_w.shape[-1]
-    n_pos = sd["embeddings.position_embeddings"].shape[1] - 1
-    grid = math.isqrt(n_pos)
-    if grid * grid != n_pos:
-        raise ValueError(f"pos_embed has {n_pos} patch positions, not a square grid; pass config=")
-    depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
-    if depth == 0:
-        raise ValueError("no transformer blocks found in the state dict; pass config=")
-    if hidden % 64:
-        # Head count is not stored in the weights; every official DINOv2 size uses 64-dim heads.
-        raise ValueError(
-            f"cannot infer num_attention_heads for hidden size {hidden} (not a multiple of 64); pass config="
-        )
-    swiglu = "blocks.0.mlp.w12.weight" in sd
-    ffn_hidden = sd["blocks.0.mlp.w3.weight"].shape[1] if swiglu else sd["blocks.0.mlp.fc1.weight"].shape[0]
-    mlp_ratio = 4.0 if swiglu else ffn_hidden / hidden
-    has_ls = "blocks.0.ls1.gamma" in sd
-    registers = sd["embeddings.register_tokens"].shape[1] if "embeddings.register_tokens" in sd else 0
-    config = DinoVisionConfig(
-        image_size=grid * patch,
-        patch_size=patch,
-        num_channels=patch_w.shape[1],
-        hidden_size=hidden,
-        num_hidden_layers=depth,
-        num_attention_heads=hidden // 64,
-        mlp_ratio=mlp_ratio,
-        ffn="swiglu" if swiglu else "mlp",
-        num_register_tokens=registers,
-        layerscale_init=1e-5 if has_ls else 1.0,  # no LayerScale in the checkpoint ≡ gamma = 1
-        qkv_bias="blocks.0.attn.qkv.bias" in sd,
-        proj_bias="blocks.0.attn.proj.bias" in sd,
-        ffn_bias=("blocks.0.mlp.w12.bias" if swiglu else "blocks.0.mlp.fc1.bias") in sd,
-        # The official register models resample with offset 0 + antialias, the others with the 0.1 offset.
-        interpolate_offset=0.0 if registers else 0.1,
-        interpolate_antialias=bool(registers),
-    )
-    if config.ffn_hidden_size != ffn_hidden:
-        raise ValueError(f"cannot infer mlp_ratio for an FFN width of {ffn_hidden} (hidden {hidden}); pass config=")
-    return config
-
-
-def from_official_state_dict(
-    state_dict: Mapping, config: DinoVisionConfig | None = None, *, prefix: str | None = None
-) -> DinoVisionModel:
-    """Our backbone from a state dict in the official facebookresearch/dinov2 layout.
-
-    Accepts bare backbone state dicts (hub `dinov2_vit*14[_reg4]_pretrain.pth`), `block_chunks` layouts
-    (`blocks.C.N.*`, N the global block index), registers, and training checkpoints: containers
-    `{"teacher": ...}` / `{"model": ...}` are unwrapped, `module.` / `_orig_mod.` / FSDP wrapper segments stripped,
-    and the backbone is taken from `teacher.backbone.`, else `backbone.`, else `student.backbone.`, else the bare
-    keys (pass `prefix=` to choose, e.g. `prefix="student.backbone."`); keys outside that prefix (heads, the other
-    tower) are ignored. The result equals the official model at every input size (fp32).
-
-    `config=None` infers sizes, biases, FFN type and registers from the tensors; the head count is taken as
-    hidden_size // 64 (all official sizes), and interpolation as the official models: offset 0 + antialias with
-    registers, offset 0.1 without. Pass a config for anything else (and to set `image_size` consistently with
-    `pos_embed`). Missing or unknown keys raise `ValueError` listing them, except two documented cases: a checkpoint
-    without LayerScale (official `init_values=None`) loads with gamma = 1, and a missing `mask_token` (only used
-    for masked iBOT inputs) loads as zeros.
-    """
-    selected, prefix = _select_backbone(state_dict, prefix)
-    mapped, origin, unknown = _map_official(selected)
-    if config is None:
-        config = _infer_config(mapped)
-    with torch.device("meta"):
-        expected = DinoVisionModel(config).state_dict()
-
-    missing = set(expected) - set(mapped)
-    ls_keys = {k for k in expected if k.endswith((".ls1.gamma", ".ls2.gamma"))}
-    if ls_keys and ls_keys <= missing:  # official init_values=None: no LayerScale, i.e. identity
-        ref = next(iter(mapped.values()))
-        for k in ls_keys:
-            mapped[k] = ref.new_ones(config.hidden_size)
-        missing -= ls_keys
-    if "embeddings.mask_token" in missing:
-        mapped["embeddings.mask_token"] = next(iter(mapped.values())).new_zeros(1, config.hidden_size)
-        missing.discard("embeddings.mask_token")
-        logger.warning("from_official_state_dict: no mask_token in the checkpoint, using zeros")
-
-    unexpected = sorted([origin[k] for k in set(mapped) - set(expected)] + unknown)
-    bad_shapes = [
-        f"{origin.get(k, k)}: expected {tuple(expected[k].shape)}, got {tuple(v.shape)}"
-        for k, v in mapped.items()
-        if k in expected and tuple(expected[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or bad_shapes:
-        hints = []
-        pos = mapped.get("embeddings.position_embeddings")
-        if pos is not None and tuple(pos.shape) != tuple(expected["embeddings.position_embeddings"].shape):
-            grid = math.isqrt(pos.shape[1] - 1)  # released models: 37×37 grid, image_size=518
-            hints.append(f"pos_embed holds a {grid}x{grid} grid: use image_size={grid * config.patch_size}")
-        found_ffn = "swiglu" if any(".mlp.w12." in k for k in mapped) else "mlp"
-        if found_ffn != config.ffn:  # e.g. the released ViT-L/14 is MLP while the ViT-L training recipe is SwiGLU
-            hints.append(f"the checkpoint has a {found_ffn!r} FFN: use ffn={found_ffn!r}")
-        raise ValueError(
-            f"official state dict (prefix {prefix!r}) does not match the config "
-            f"(hidden_size={config.hidden_size}, num_hidden_layers={config.num_hidden_layers}, ffn={config.ffn!r}, "
-            f"num_register_tokens={config.num_register_tokens}, image_size={config.image_size}, "
-            f"qkv/proj/ffn bias={config.qkv_bias}/{config.proj_bias}/{config.ffn_bias}): "
-            f"missing keys (our names) {sorted(missing)}, unexpected keys {unexpected}, shape mismatches {bad_shapes}. "
-            + "".join(f"Hint: {h}. " for h in hints)
-            + "Fix the config or pass config=None to infer it."
-        )
-    return _build(lambda: DinoVisionModel(config), {k: mapped[k] for k in expected}, "DinoVisionModel")
+    return build_from_state_dict(lambda: DinoVisionModel(config), out, "DinoVisionModel")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -627,11 +371,11 @@ def to_timm(backbone: DinoVisionModel) -> nn.Module:
         out[s + "mlp.fc1.weight"] = sd[s + f"mlp.{fc1}.weight"]
         out[s + "mlp.fc2.weight"] = sd[s + f"mlp.{fc2}.weight"]
         if timm_bias:
-            out[s + "attn.proj.bias"] = _bias(sd, s + "attn.proj.bias", D, ref)
-            out[s + "mlp.fc1.bias"] = _bias(sd, s + f"mlp.{fc1}.bias", timm_hidden, ref)
-            out[s + "mlp.fc2.bias"] = _bias(sd, s + f"mlp.{fc2}.bias", D, ref)
+            out[s + "attn.proj.bias"] = bias_or_zeros(sd, s + "attn.proj.bias", D, ref)
+            out[s + "mlp.fc1.bias"] = bias_or_zeros(sd, s + f"mlp.{fc1}.bias", timm_hidden, ref)
+            out[s + "mlp.fc2.bias"] = bias_or_zeros(sd, s + f"mlp.{fc2}.bias", D, ref)
 
-    return _build(_timm_factory(config), out, timm_model_name(config) or "timm VisionTransformer")
+    return build_from_state_dict(_timm_factory(config), out, timm_model_name(config) or "timm VisionTransformer")
 
 
 # --------------------------------------------------------------------------------------------------------------------

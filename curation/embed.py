@@ -21,8 +21,9 @@ from typing import Any
 import datasets
 import numpy as np
 
+from training.data.decode import decode_image
+
 from .common import CurationError, DistState, fingerprint, kill_point
-from .validate import load_rgb
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,9 @@ class EmbedSpec:
 
 
 def _embed_batch(batch: dict[str, list], embedder: Embedder, dtype: str) -> dict[str, Any]:
-    return {"embedding": embedder([load_rgb(b) for b in batch["image"]]).astype(dtype)}
+    # The project's one decoder, as in training and the probe. Rows already passed validation under
+    # validate.max_pixels, so no second pixel limit here.
+    return {"embedding": embedder([decode_image(b, max_pixels=None) for b in batch["image"]]).astype(dtype)}
 
 
 def _column_batch(batch: dict[str, list], column: str, dtype: str) -> dict[str, Any]:

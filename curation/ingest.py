@@ -1,8 +1,11 @@
 """Ingest: turn any configured image source into one on-disk Arrow table `id, source, path, image(bytes)`.
 
 Sources: a local image folder (recursive), a `save_to_disk` folder, parquet / webdataset (.tar) / arrow shards
-(a file, a folder of shards or a glob), or a Hub dataset id, optionally streamed. Images are kept as raw file
-bytes (never decoded here) so that validation can see and report broken files.
+(a file, a folder of shards or a glob), image files (a file or a glob), or a Hub dataset id, optionally streamed.
+What a source is, and how one split of it is opened, is decided by the project's one resolver
+(`training.data.sources`), so training, the probe and curation read a source the same way. An image folder is
+ingested whole: every non-hidden file (images or not, every split folder), so validation can see and report each
+one. Images are kept as raw file bytes (never decoded here).
 
 Row identity (DESIGN.md): `id = <source name>/<path inside the source>` for folders and webdataset keys,
 `<source name>/<row index, zero-padded>` for Hub / parquet / arrow sources; never a content hash (exact copies
@@ -24,6 +27,8 @@ from typing import Any
 import datasets
 from datasets.arrow_writer import ArrowWriter
 
+from training.data.sources import Source, open_source, resolve_source
+
 from .common import CurationError, fingerprint
 from .config import SourceConfig
 
@@ -35,7 +40,6 @@ INGEST_FEATURES = datasets.Features(
         "image": datasets.Value("large_binary"),
     }
 )
-SHARD_EXTENSIONS = {".parquet": "parquet", ".tar": "webdataset", ".arrow": "arrow"}
 NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 WRITER_BATCH = 256  # rows per Arrow record batch: bounded memory even with large images
 
@@ -59,41 +63,8 @@ def check_sources(sources: list[SourceConfig], role: str) -> None:
                                 f"a save_to_disk folder, parquet/tar shards or a glob")
 
 
-def _list_files(root: Path) -> list[Path]:
-    """Every non-hidden file under root, sorted (stable ids and a stable order)."""
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
-    return sorted(files)
-
-
 def _file_key(files: list[Path]) -> list[Any]:
     return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-
-
-def _shard_files(path: str) -> tuple[str, list[str]] | None:
-    """(builder, files) when `path` names parquet / tar / arrow shards, else None."""
-    p = Path(os.path.expanduser(path))
-    if p.is_dir():
-        candidates = sorted(str(f) for f in _list_files(p))
-    else:
-        candidates = sorted(glob.glob(os.path.expanduser(path), recursive=True))
-    by_kind: dict[str, list[str]] = {}
-    for f in candidates:
-        kind = SHARD_EXTENSIONS.get(Path(f).suffix.lower())
-        if kind:
-            by_kind.setdefault(kind, []).append(f)
-    if not by_kind:
-        return None
-    if len(by_kind) > 1:
-        raise CurationError(f"source path {path!r} mixes shard kinds {sorted(by_kind)}; point it at one kind")
-    kind, files = next(iter(by_kind.items()))
-    return kind, files
-
-
-def _is_saved_dataset(p: Path) -> bool:
-    return p.is_dir() and ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file())
 
 
 def _rows_from_folder(src: SourceConfig, root: Path, files: list[Path]) -> Iterator[dict[str, Any]]:
@@ -154,35 +125,41 @@ def _rows_from_loaded(src: SourceConfig, ds: Any, extra_columns: list[str]) -> I
         yield {"id": f"{src.name}/{rel}", "source": src.name, "path": path or rel, "image": data, **extra}
 
 
-def _load(src: SourceConfig) -> tuple[Any, list[Any]]:
-    """Open a non-folder source lazily; return (dataset, cache key parts)."""
-    if src.dataset is not None:
-        try:
-            ds = datasets.load_dataset(src.dataset, src.config_name, split=src.split, revision=src.revision,
-                                       streaming=src.streaming)
-        except Exception as e:
-            raise CurationError(f"source {src.name!r}: cannot load Hub dataset {src.dataset!r} "
-                                f"(split {src.split!r}): {e}. Offline, pass a local `path` instead.") from e
+def _resolve(src: SourceConfig) -> Source:
+    """The shared resolver's view of a source; its errors (which name the fix) prefixed with the source name."""
+    try:
+        source = resolve_source(src.path if src.path is not None else src.dataset)
+    except ValueError as e:
+        raise CurationError(f"source {src.name!r}: {e}") from e
+    if src.path is not None and source.kind == "hub":
+        raise CurationError(f"source {src.name!r}: path {src.path!r} does not exist; pass an image folder, a "
+                            f"save_to_disk folder, parquet/tar shards or a glob (or `dataset` for a Hub id)")
+    return source
+
+
+def _open(src: SourceConfig, source: Source) -> tuple[Any, list[Any]]:
+    """Open split `src.split` of a saved / shard / Hub source lazily; return (dataset, cache key parts)."""
+    kwargs: dict[str, Any] = {}
+    if source.kind == "hub":
+        kwargs = {"name": src.config_name, "revision": src.revision}
+    # A saved dataset is memory-mapped: open it map-style (its fingerprint keys the cache), stream it afterwards.
+    streaming = src.streaming and source.kind != "saved"
+    try:
+        ds = open_source(source, src.split, streaming=streaming, **kwargs)
+    except ValueError as e:
+        raise CurationError(f"source {src.name!r}: {e}") from e
+    if source.kind == "hub":
         key = ["hub", src.dataset, src.config_name, src.split, src.revision]
         if not src.streaming:
             key.append(ds._fingerprint)
-        return ds, key
-    path = Path(os.path.expanduser(src.path))
-    if _is_saved_dataset(path):
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            if src.split not in ds:
-                raise CurationError(f"source {src.name!r}: split {src.split!r} not in {list(ds)}; set split")
-            ds = ds[src.split]
-        key = ["disk", str(path), ds._fingerprint]
+    elif source.kind == "saved":
+        key = ["disk", str(source.path), ds._fingerprint]
         if src.streaming:
             ds = ds.to_iterable_dataset()
-        return ds, key
-    shards = _shard_files(src.path)
-    assert shards is not None
-    kind, files = shards
-    ds = datasets.load_dataset(kind, data_files={"train": files}, split="train", streaming=src.streaming)
-    return ds, ["files", kind, _file_key([Path(f) for f in files])]
+    else:
+        assert source.local is not None
+        key = ["files", source.builder, src.split, _file_key(source.local.shard_files)]
+    return ds, key
 
 
 def ingest_source(src: SourceConfig, cache_dir: Path, extra_columns: list[str] | None = None) -> datasets.Dataset:
@@ -192,9 +169,11 @@ def ingest_source(src: SourceConfig, cache_dir: Path, extra_columns: list[str] |
     extra_columns = sorted(set(extra_columns or []))
     features = datasets.Features({**INGEST_FEATURES, **{c: datasets.List(datasets.Value("float32"))
                                                         for c in extra_columns}})
-    path = Path(os.path.expanduser(src.path)) if src.path else None
-    if path is not None and path.is_dir() and not _is_saved_dataset(path) and _shard_files(src.path) is None:
-        files = _list_files(path)
+    source = _resolve(src)
+    if source.kind == "images":  # every file (not only images), raw bytes: validation reports the bad ones
+        assert source.local is not None
+        root = source.local.root
+        files = sorted(source.local.files)  # Path order, as ids have always been assigned
         if extra_columns:
             raise CurationError(f"source {src.name!r} is an image folder, which has no embedding column "
                                 f"{extra_columns}; use a parquet / save_to_disk / Hub source, or set "
@@ -202,9 +181,9 @@ def ingest_source(src: SourceConfig, cache_dir: Path, extra_columns: list[str] |
         if not files:
             raise CurationError(f"source {src.name!r}: folder {src.path!r} holds no files")
         key = fingerprint("ingest", src.name, "folder", _file_key(files))
-        rows: Any = lambda: _rows_from_folder(src, path, files)  # noqa: E731
+        rows: Any = lambda: _rows_from_folder(src, root, files)  # noqa: E731
     else:
-        ds, key_parts = _load(src)
+        ds, key_parts = _open(src, source)
         key = fingerprint("ingest", src.name, src.image_column, key_parts, extra_columns)
         ds = _prepare_loaded(ds, src, extra_columns)
         rows = lambda: _rows_from_loaded(src, ds, extra_columns)  # noqa: E731

@@ -362,3 +362,36 @@ def test_selection_modes_end_to_end(collection, tmp_path, mode):
         assert len(ds) == 10 and set(ds["retrieved_by"]) == {None}
     else:
         assert 0 < len(ds) <= 3 * 6 and all(r.startswith("seedset/") for r in ds["retrieved_by"])
+
+
+def test_ingest_uses_the_shared_resolver(tmp_path):
+    """Image globs and single files ingest like folders; a folder is ingested whole (split folders, split words in
+    names, non-images); shard folders pick the split by the Hub's shard names; errors come from the resolver."""
+    from curation_fixtures import distinct_images, encode
+
+    from curation.config import SourceConfig
+    from curation.ingest import ingest_source
+
+    images = [encode(t[1]) for t in distinct_images(4)]
+    root = tmp_path / "folder"
+    for rel, data in zip(["train/a_test.png", "val/b.png", "scan_valid_1.png", "x y.png"], images):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    (root / "notes.txt").write_text("not an image")
+    cache = tmp_path / "cache"
+    whole = ingest_source(SourceConfig(name="f", path=str(root)), cache)
+    assert whole["id"] == ["f/notes.txt", "f/scan_valid_1.png", "f/train/a_test.png", "f/val/b.png", "f/x y.png"]
+    globbed = ingest_source(SourceConfig(name="g", path=f"{root}/*/*.png"), cache)
+    assert globbed["id"] == ["g/train/a_test.png", "g/val/b.png"] and globbed["image"] == images[:2]
+    single = ingest_source(SourceConfig(name="s", path=str(root / "x y.png")), cache)
+    assert single["id"] == ["s/x y.png"] and single["image"] == [images[3]]
+
+    feats = datasets.Features({"image": datasets.Image()})
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    for split, part in (("train", images[:3]), ("test", images[3:])):
+        datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in part]}, features=feats).to_parquet(
+            str(tmp_path / "hub" / "data" / f"{split}-00000-of-00001.parquet"))
+    test = ingest_source(SourceConfig(name="h", path=str(tmp_path / "hub"), split="test"), cache)
+    assert test["id"] == ["h/000000000"] and test["image"] == images[3:]
+    with pytest.raises(CurationError, match=r"source 'h2'.*Unknown split 'holdout'.*\['test', 'train'\]"):
+        ingest_source(SourceConfig(name="h2", path=str(tmp_path / "hub"), split="holdout"), cache)

@@ -15,13 +15,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
-from training.augment import MultiCropAugmentation
+from training.augment import MultiCropAugmentation, derive_seed
 from training.data import (
+    ImageDataset,
     MultiCropCollator,
     MultiCropDataset,
     MultiCropStream,
     ResumableSampler,
+    SampleCollator,
     build_dataloader,
+    build_loader,
     choose_resolution,
     collate_multicrop,
     decode_image,
@@ -535,3 +538,63 @@ def test_horizontal_flip_can_be_turned_off():
 
     assert not any(bright_left(False))
     assert 2 <= sum(bright_left(True)) <= 14
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The generic loader: any per-sample transform + collate (multi-crop is one pipeline on it)
+
+
+class TwoViews:
+    """A MoCo/BYOL-style transform: two random 28 px crops of the image (picklable, for worker processes)."""
+
+    def __call__(self, image: Image.Image, *, seed: int) -> dict:
+        from torchvision.transforms import v2
+
+        crop = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(28, antialias=True)])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return {"views": [crop(image), crop(image)]}
+
+
+def stack_views_and_captions(kept: list[dict]) -> dict:
+    return {"views": torch.stack([s["views"][v] for v in range(2) for s in kept]),
+            "caption": [s["caption"] for s in kept], "seeds": [s["sample_seed"] for s in kept]}
+
+
+@pytest.fixture
+def captioned(tmp_path) -> datasets.Dataset:
+    images = [{"bytes": jpeg_bytes(300 + i), "path": None} for i in range(6)]
+    images[3] = {"bytes": b"broken", "path": "broken.jpg"}
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    return datasets.Dataset.from_dict({"image": images, "caption": [f"photo {i}" for i in range(6)]}, features)
+
+
+def test_generic_loader_runs_a_two_view_image_text_pipeline(captioned):
+    def loader_for(ds, **kwargs):
+        return build_loader(ds, TwoViews(), SampleCollator(stack_views_and_captions), 3, columns=["caption"],
+                            seed=5, **kwargs)
+
+    serial, parallel = loader_for(captioned), loader_for(captioned, num_workers=2, persistent_workers=False)
+    batches = list(serial)
+    assert [b["batch_size"] for b in batches] == [3, 2] and [b["num_skipped"] for b in batches] == [0, 1]
+    order = list(serial.sampler)  # (epoch, index) keys: this run's permutation
+    kept = [i for _, i in order if i != 3]
+    assert [c for b in batches for c in b["caption"]] == [f"photo {i}" for i in kept]
+    assert [s for b in batches for s in b["seeds"]] == [derive_seed(5, 0, i) for i in kept]
+    assert batches[0]["views"].shape == (6, 3, 28, 28)
+    for a, b in zip(batches, parallel, strict=True):  # same samples in worker processes
+        assert torch.equal(a["views"], b["views"]) and a["caption"] == b["caption"]
+    stream = loader_for(captioned.to_iterable_dataset())
+    assert sorted(c for b in stream for c in b["caption"]) == [f"photo {i}" for i in (0, 1, 2, 4, 5)]
+
+
+def test_generic_loader_column_errors_name_the_fix(captioned):
+    with pytest.raises(ValueError, match=r"no column 'text'.*\['image', 'caption'\]"):
+        ImageDataset(captioned, TwoViews(), columns=["text"])
+    with pytest.raises(ValueError, match="'sample_seed'.*loader's own.*rename it"):
+        ImageDataset(captioned, TwoViews(), columns={"caption": "sample_seed"})
+    with pytest.raises(ValueError, match="overwrite the transform's field 'views'"):
+        ImageDataset(captioned, TwoViews(), columns={"caption": "views"})[0]
+    assert ImageDataset(captioned, TwoViews(), columns={"caption": "text"})[0]["text"] == "photo 0"
+    with pytest.raises(TypeError, match="must return a dict"):
+        ImageDataset(captioned, lambda image, seed: image)[0]

@@ -4,7 +4,8 @@
 
 Writes `OUTPUT_DIR/results.json` (accuracies in percent), `OUTPUT_DIR/details.json` (splits, classes, chosen
 linear-probe settings) and prints a table. Features are cached (keyed by the model's weights, the dataset and
-the preprocessing), so a re-run does not recompute them. All logic lives in `training/evaluation.py`.
+the preprocessing; least recently used entries are evicted beyond --cache_max_gb), so a re-run does not recompute
+them. All logic lives in the `training.evaluation` package; this script only turns flags into a `ProbeConfig`.
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from training.evaluation import (  # noqa: E402
+    DEFAULT_CACHE_MAX_BYTES,
     KNN_KS,
     KNN_TEMPERATURE,
     EvaluationError,
     LinearProbeConfig,
+    ProbeConfig,
     default_cache_dir,
     format_results_table,
     run_probe,
-    update_model_card,
 )
+from training.model_card import update_model_card  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (default: min(8, CPUs))")
     p.add_argument("--cache_dir", default=None, help=f"feature cache (default: {default_cache_dir()})")
     p.add_argument("--no_cache", action="store_true", help="neither read nor write cached features")
+    p.add_argument("--clear_cache", action="store_true", help="delete the cached features before running")
+    p.add_argument("--cache_max_gb", type=float, default=DEFAULT_CACHE_MAX_BYTES / 2**30,
+                   help="size limit of the feature cache in GiB; least recently used entries are deleted beyond it "
+                        "(0: no limit; default %(default)g)")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="autocast dtype of the forward passes (auto: bf16 on CUDA, fp32 on CPU)")
@@ -61,28 +68,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_from_args(args: argparse.Namespace) -> ProbeConfig:
+    if args.cache_max_gb < 0:
+        raise EvaluationError(f"--cache_max_gb must be >= 0 (0: no limit), got {args.cache_max_gb}")
+    return ProbeConfig(
+        model=args.model, dataset=args.dataset, output_dir=args.output_dir,
+        train_split=args.train_split, test_split=args.test_split, val_split=args.val_split,
+        image_column=args.image_column, label_column=args.label_column, image_size=args.image_size,
+        batch_size=args.batch_size, num_workers=args.num_workers, cache_dir=args.cache_dir,
+        use_cache=not args.no_cache, clear_cache=args.clear_cache,
+        cache_max_bytes=int(args.cache_max_gb * 2**30) if args.cache_max_gb > 0 else None,
+        device=args.device, dtype=args.dtype, ks=tuple(args.ks), temperature=args.temperature,
+        linear=LinearProbeConfig(epochs=args.linear_epochs), export_classifier=args.export_classifier,
+        progress=not args.no_progress,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.update_model_card and not Path(args.model).is_dir():  # fail before the features are computed
+        print(f"probe.py: error: --update_model_card needs a local model folder, got {args.model!r}", file=sys.stderr)
+        return 2
     try:
-        out = run_probe(
-            args.model, args.dataset, args.output_dir,
-            train_split=args.train_split, test_split=args.test_split, val_split=args.val_split,
-            image_column=args.image_column, label_column=args.label_column, image_size=args.image_size,
-            batch_size=args.batch_size, num_workers=args.num_workers, cache_dir=args.cache_dir,
-            use_cache=not args.no_cache, device=args.device, dtype=args.dtype, ks=tuple(args.ks),
-            temperature=args.temperature, linear=LinearProbeConfig(epochs=args.linear_epochs),
-            export_classifier=args.export_classifier, progress=not args.no_progress,
-        )
+        out = run_probe(config_from_args(args))
     except EvaluationError as e:
         print(f"probe.py: error: {e}", file=sys.stderr)
         return 2
     print(format_results_table(out.results))
     print(f"\nwrote {Path(args.output_dir) / 'results.json'}")
     if args.update_model_card:
-        if not Path(args.model).is_dir():
-            print(f"probe.py: error: --update_model_card needs a local model folder, got {args.model!r}", file=sys.stderr)
-            return 2
         print(f"updated {update_model_card(args.model, out.results)}")
     return 0
 

@@ -35,13 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.evaluation import (  # noqa: E402
-    _autocast,
-    _resolved_dtype,
-    default_image_processor,
-    extract_features,
-    load_split,
-)
+from training.evaluation import default_image_processor, extract_features, load_split  # noqa: E402
+from training.evaluation.features import autocast, resolve_dtype  # noqa: E402
 
 
 def make_images(root: Path, num_images: int, seed: int = 0) -> Path:
@@ -97,7 +92,7 @@ def main() -> None:
     from transformers import Dinov2Config, Dinov2Model
 
     device = torch.device(args.device)
-    dtype = _resolved_dtype(device, args.dtype)
+    dtype = resolve_dtype(device, args.dtype)
     tmp = None
     if args.data_dir is None:
         tmp = tempfile.mkdtemp(prefix="probe_speed_")
@@ -136,7 +131,7 @@ def main() -> None:
             decode = time.perf_counter() - t0
             sync()
             t0 = time.perf_counter()
-            with torch.no_grad(), _autocast(device, dtype):
+            with torch.no_grad(), autocast(device, dtype):
                 for x in batches:
                     model(pixel_values=x)
             sync()
@@ -152,7 +147,7 @@ def main() -> None:
             assert len(feats) == len(rows)
             return time.perf_counter() - t0
 
-        with torch.no_grad(), _autocast(device, dtype):  # warm-up
+        with torch.no_grad(), autocast(device, dtype):  # warm-up
             model(pixel_values=torch.randn(bs, 3, args.image_size, args.image_size, device=device))
         # Rounds of whole batches, alternating which measurement goes first, so drifting background load
         # (shared machines) hits both alike. Each pipeline round starts its own DataLoader workers.

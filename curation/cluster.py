@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .common import require_faiss
 from .config import ClusterConfig
 from .embed import EmbeddingStore
 from .index import use_gpu
@@ -26,7 +27,7 @@ class KMeansResult:
 
 
 def kmeans(x: np.ndarray, k: int, cfg: ClusterConfig, seed: int) -> np.ndarray:
-    import faiss
+    faiss = require_faiss()
 
     km = faiss.Kmeans(x.shape[1], k, niter=cfg.niter, nredo=cfg.nredo, spherical=cfg.spherical, seed=seed,
                       max_points_per_centroid=cfg.max_points_per_centroid, min_points_per_centroid=1,
@@ -38,7 +39,7 @@ def kmeans(x: np.ndarray, k: int, cfg: ClusterConfig, seed: int) -> np.ndarray:
 def assign(store_or_array: EmbeddingStore | np.ndarray, centroids: np.ndarray, block: int = 65_536,
            ) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid (inner product) of every row, with its similarity."""
-    import faiss
+    faiss = require_faiss()
 
     index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))

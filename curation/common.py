@@ -19,6 +19,19 @@ class CurationError(ValueError):
     """Something the user can fix (bad path, bad source, offline Hub model, bad config combination)."""
 
 
+def require_faiss() -> Any:
+    """The `faiss` module, or an error saying which extra installs it (it is not a base dependency, because the
+    CPU and GPU builds both install the module `faiss` and must not be installed together)."""
+    try:
+        import faiss as module
+    except ImportError as e:
+        raise CurationError(
+            "curation needs Faiss: pip install 'dinoforge[cpu]' (faiss-cpu), or 'dinoforge[gpu]' (faiss-gpu-cu12) on "
+            "a GPU machine — never both"
+        ) from e
+    return module
+
+
 def fingerprint(*parts: Any) -> str:
     """Stable 16-hex key from JSON-able parts (step name, step config, input key, model identity)."""
     blob = json.dumps([CODE_VERSION, *parts], sort_keys=True, default=str).encode()

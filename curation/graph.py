@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .common import require_faiss
+
 
 def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Label of every node = smallest node index in its component.
@@ -116,7 +118,7 @@ def hamming_pairs(base: np.ndarray, max_distance: int, queries: np.ndarray | Non
     at least one table key, so the search is exact, not approximate. `queries=None` searches base against
     itself and returns each pair once (i < j).
     """
-    import faiss
+    faiss = require_faiss()
 
     base = np.ascontiguousarray(np.asarray(base, dtype=np.uint64))
     empty = np.zeros(0, dtype=np.int64)

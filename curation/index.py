@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .common import require_faiss
 from .config import IndexConfig
 from .embed import EmbeddingStore
 
@@ -33,7 +34,7 @@ class IndexInfo:
 
 
 def use_gpu(flag: bool | None) -> bool:
-    import faiss
+    faiss = require_faiss()
 
     available = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
     if flag and not available:
@@ -72,7 +73,7 @@ def factory_string(kind: str, n: int, d: int, cfg: IndexConfig) -> tuple[str, in
 
 def build_index(store: EmbeddingStore, cfg: IndexConfig, seed: int = 0):
     """Index of every row of `store` (row i of the store = id i in the index); returns (index, info)."""
-    import faiss
+    faiss = require_faiss()
 
     n, d = store.n, store.dim
     gpu = use_gpu(cfg.gpu)

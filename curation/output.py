@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import math
 import shutil
-import string
 from pathlib import Path
 from typing import Any
 
 import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
+
+from model_cards import DATASET_CARD, load_template, public_name
 
 from .config import CurateConfig
 
@@ -24,7 +24,6 @@ MANIFEST_SCHEMA = pa.schema([("id", pa.string()), ("step", pa.string()), ("reaso
                              ("duplicate_of", pa.string())])
 OUTPUT_COLUMNS = ["id", "source", "path", "sha256", "phash", "width", "height", "cluster", "retrieved_by",
                   "similarity", "image"]
-CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "dataset_card.md"
 
 
 def manifest_table(ids: list[str], step: str, reasons: list[str], duplicate_of: list[str | None]) -> pa.Table:
@@ -59,25 +58,35 @@ def size_category(n: int) -> str:
 
 
 def render_card(cfg: CurateConfig, stats: dict[str, Any], models: dict[str, str]) -> str:
-    header = {
-        "license": "other",
-        "task_categories": ["image-feature-extraction"],
-        "tags": ["dinoforge", "curation", "lvd-142m", "self-supervised"],
-        "size_categories": [size_category(stats["num_rows"])],
-        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}],
-        "dinoforge": {k: v for k, v in models.items()},
-    }
+    """The dataset card (`README.md`), built with `huggingface_hub.DatasetCard` from `model_cards/dataset_card.md`.
+
+    Cards are public: sources, seed/eval sets and embedders given as local paths are named by their last
+    component only (`model_cards.public_name`); Hub ids stay as they are.
+    """
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    models = {k: public_name(v) for k, v in models.items()}
+    card_data = DatasetCardData(
+        license="other",
+        task_categories=["image-feature-extraction"],
+        size_categories=[size_category(stats["num_rows"])],
+        pretty_name=cfg.output.repo_id or f"Curated dataset ({cfg.config_name})",
+        tags=["dinoforge", "curation", "lvd-142m", "self-supervised"],
+        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*.parquet"}]}],
+        dinoforge=models,
+    )
     rows = "\n".join(f"| {s['step']} | {s['rows_in']} | {s['rows_kept']} | {s['rows_removed']} |"
                      for s in stats["steps"])
 
     def names(items: list) -> str:
-        return ", ".join(f"`{s.name}` ({s.dataset or s.path})" for s in items) or "none"
+        return ", ".join(
+            f"`{s.name}` ({s.dataset if s.dataset else 'local: ' + public_name(s.path)})" for s in items
+        ) or "none"
 
     cd = cfg.dedup.copy_detection
     km = stats.get("cluster") or {}
     values = {
-        "yaml_header": yaml.safe_dump(header, sort_keys=False).strip(),
-        "title": cfg.output.repo_id or f"Curated dataset ({cfg.config_name})",
+        "title": card_data.pretty_name,
         "num_rows": stats["num_rows"],
         "num_input": stats["steps"][0]["rows_in"] if stats["steps"] else 0,
         "sources": names(cfg.sources),
@@ -101,7 +110,7 @@ def render_card(cfg: CurateConfig, stats: dict[str, Any], models: dict[str, str]
                    f"min_seed_hits>{cfg.select.min_seed_hits}, cap_per_source={cfg.select.cap_per_source}, "
                    f"target_size={cfg.select.target_size}"),
     }
-    return string.Template(CARD_TEMPLATE.read_text()).substitute(values)
+    return str(DatasetCard.from_template(card_data, template_str=load_template(DATASET_CARD), **values))
 
 
 def build_hub_folder(ds: datasets.Dataset, card: str, folder: Path, max_shard_size: str,

@@ -1,4 +1,4 @@
-"""training.evaluation: k-NN protocol, linear probe, feature extraction + cache, errors, model-index, export."""
+"""training.evaluation: k-NN protocol, linear probe, feature extraction + cache, errors; training.classifier export."""
 
 from __future__ import annotations
 
@@ -14,22 +14,27 @@ import torch.nn.functional as F
 from PIL import Image
 
 from training import evaluation as ev
+from training.classifier import export_classifier_model
 from training.evaluation import (
     EvaluationError,
     FeatureCache,
-    KnnEvaluator,
+    FeatureSet,
     LinearHead,
     LinearProbeConfig,
+    ProbeConfig,
     default_image_processor,
     extract_features,
     feature_cache_key,
+    flatten_knn,
     knn_classify,
     knn_eval,
     knn_scores,
-    model_index_from_results,
     topk_accuracy,
     train_linear_probe,
+    unflatten_knn,
 )
+from training.evaluation import features as ev_features
+from training.evaluation.splits import check_image_column
 
 # --------------------------------------------------------------------------------------------------------------
 # helpers
@@ -229,8 +234,8 @@ def test_feature_cache_reused_and_invalidated_when_model_changes(tmp_path, monke
     proc = default_image_processor(28)
     cache = FeatureCache(tmp_path / "cache")
     calls = []
-    real_forward = ev.forward_features
-    monkeypatch.setattr(ev, "forward_features", lambda m, x: calls.append(1) or real_forward(m, x))
+    real_forward = ev_features.forward_features
+    monkeypatch.setattr(ev_features, "forward_features", lambda m, x: calls.append(1) or real_forward(m, x))
 
     def run(model, dataset=ds, processor=proc):
         key = feature_cache_key(model, dataset, image_processor=processor, image_column="image",
@@ -258,6 +263,71 @@ def test_feature_cache_reused_and_invalidated_when_model_changes(tmp_path, monke
     assert len(list((tmp_path / "cache").glob("*.tmp"))) == 0
 
 
+def _features(n: int, dim: int = 256) -> FeatureSet:
+    return FeatureSet(cls=torch.randn(n, dim), patch_mean=torch.randn(n, dim), labels=torch.zeros(n, dtype=torch.long))
+
+
+def test_feature_cache_evicts_least_recently_used(tmp_path):
+    entry = FeatureCache(tmp_path / "sizing", max_bytes=None).save("s" * 64, _features(8))
+    size = entry.stat().st_size
+    entry.unlink()
+    cache = FeatureCache(tmp_path, max_bytes=2 * size + size // 2)  # room for two entries, not three
+    a, b = cache.save("a" * 64, _features(8)), cache.save("b" * 64, _features(8))
+    os.utime(a, (1_000, 1_000))  # a written long before b ...
+    os.utime(b, (2_000, 2_000))
+    assert cache.load("a" * 64) is not None  # ... but read since: b is now the least recently used
+    c = cache.save("c" * 64, _features(8))
+    assert sorted(p.name for p in cache.entries()) == sorted([a.name, c.name])
+    assert cache.load("b" * 64) is None and cache.size_bytes() <= cache.max_bytes
+    # an entry larger than the whole limit is still kept (it is the one in use), everything older goes
+    tiny = FeatureCache(tmp_path, max_bytes=1)
+    d = tiny.save("d" * 64, _features(8))
+    assert tiny.entries() == [d]
+    with pytest.raises(ValueError, match="max_bytes"):
+        FeatureCache(tmp_path, max_bytes=-1)
+
+
+def test_feature_cache_clear_removes_only_its_own_files(tmp_path):
+    cache = FeatureCache(tmp_path)
+    cache.save("k" * 64, _features(2))
+    (tmp_path / "tmpabc.tmp").write_text("interrupted write")
+    (tmp_path / "notes.txt").write_text("the user's file")
+    assert cache.clear() == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert FeatureCache(tmp_path / "missing").clear() == 0
+
+
+def test_extract_features_decodes_with_the_project_decoder(monkeypatch):
+    import training.data
+
+    calls = []
+    real = training.data.decode_image
+    monkeypatch.setattr(ev_features, "decode_image", lambda v: calls.append(1) or real(v))
+    ds = photo_dataset(1)
+    extract_features(tiny_dinov2(), ds, image_processor=default_image_processor(28), num_workers=0, device="cpu",
+                     progress=False)
+    assert len(calls) == len(ds)
+
+
+def test_unflatten_knn_inverts_flatten_knn():
+    knn = {"10": {"top1": 40.0, "top5": 80.0}, "20": {"top1": 45.0, "top5": 85.0}}
+    flat = flatten_knn(knn)
+    assert flat["knn/top1"] == 45.0 and unflatten_knn(flat) == knn
+    assert unflatten_knn({"knn/top1": 1.0, "knn/top5": 2.0, "step": 3}) == {"20": {"top1": 1.0, "top5": 2.0}}
+    with pytest.raises(ValueError, match="not a flat k-NN metric"):
+        unflatten_knn({"knn/accuracy": 1.0})
+
+
+def test_probe_config_rejects_bad_options():
+    with pytest.raises(EvaluationError, match="--dtype"):
+        ProbeConfig(model="m", dataset="d", dtype="int8")
+    with pytest.raises(EvaluationError, match="--ks"):
+        ProbeConfig(model="m", dataset="d", ks=(0, 20))
+    with pytest.raises(EvaluationError, match="output_dir"):
+        ProbeConfig(model="m", dataset="d", export_classifier=True)
+    assert ProbeConfig(model="m", dataset="d", ks=[10, 20]).ks == (10, 20)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # errors
 
@@ -267,7 +337,7 @@ def test_clear_errors_for_bad_inputs():
     with pytest.raises(EvaluationError, match="no label column 'label'.*--label_column"):
         ev.resolve_labels(ds.remove_columns("label"), {}, "label")
     with pytest.raises(EvaluationError, match="no image column 'img'"):
-        ev._check_image_column(ds, "img", "the train split")
+        check_image_column(ds, "img", "the train split")
 
     good = ds.cast_column("image", datasets.Image(decode=False))[0]["image"]
     broken = datasets.Dataset.from_dict(
@@ -297,7 +367,7 @@ def test_clear_errors_for_bad_inputs():
 # in-training k-NN
 
 
-def test_knn_eval_in_memory_and_evaluator_switch():
+def test_knn_eval_in_memory_restores_mode():
     model = tiny_dinov2()
     model.train()
     train, test = photo_dataset(3), photo_dataset(2, seed=1)
@@ -305,11 +375,6 @@ def test_knn_eval_in_memory_and_evaluator_switch():
     assert model.training  # mode restored
     assert set(metrics) == {"knn/top1", "knn/top5"} | {f"knn/k{k}/top{t}" for k in ev.KNN_KS for t in (1, 5)}
     assert metrics["knn/top1"] == metrics["knn/k20/top1"] and 0.0 <= metrics["knn/top1"] <= 100.0
-    assert KnnEvaluator.from_dataset(None, every=10) is None  # off: nothing loaded, nothing to call
-    assert KnnEvaluator.from_dataset("sample", every=0) is None
-    evaluator = KnnEvaluator(train, test, every=5, image_size=28, num_workers=0)
-    assert [s for s in range(12) if evaluator.due(s)] == [5, 10]
-    assert evaluator(model) == metrics
 
 
 def _knn_two_process_worker(rank: int, port: int, result_path: str) -> None:
@@ -346,41 +411,7 @@ def test_knn_eval_two_processes_matches_one(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# model card and export
-
-RESULTS = {
-    "model": "outputs/vits14/backbone", "dataset": "my-org/labelled", "num_train": 100, "num_test": 50,
-    "knn": {k: {"top1": 10.0 + i, "top5": 50.0 + i} for i, k in enumerate(["10", "20", "100", "200"])},
-    "linear": {"cls": {"top1": 70.123, "top5": 90.0}, "cls_avgpool": {"top1": 72.0, "top5": 91.0}},
-}
-
-
-def test_model_index_follows_hub_schema(tmp_path):
-    import json
-
-    from huggingface_hub import ModelCardData
-    from huggingface_hub.repocard_data import model_index_to_eval_results
-
-    index = model_index_from_results(RESULTS, model_name="dinoforge-vits14")
-    assert index[0]["name"] == "dinoforge-vits14"
-    (entry,) = index[0]["results"]
-    assert entry["task"] == {"type": "image-classification", "name": "Image Classification"}
-    assert entry["dataset"] == {"name": "labelled", "type": "my-org/labelled", "split": "test"}
-    metrics = {m["config"]: m for m in entry["metrics"]}
-    assert set(metrics) == {"knn-k20-top1", "knn-k20-top5", "linear-cls-top1", "linear-cls-top5",
-                            "linear-cls_avgpool-top1", "linear-cls_avgpool-top5"}
-    assert metrics["knn-k20-top1"]["value"] == 11.0 and metrics["knn-k20-top1"]["type"] == "accuracy"
-    assert metrics["linear-cls-top1"]["value"] == 70.12
-    name, evals = model_index_to_eval_results(index)  # parses back with huggingface_hub's own reader
-    assert name == "dinoforge-vits14" and len(evals) == 6
-    yaml = ModelCardData(model_name=name, eval_results=evals).to_yaml()
-    assert "model-index:" in yaml and "k-NN top-1 (k=20, frozen)" in yaml
-    path = tmp_path / "results.json"
-    path.write_text(json.dumps(RESULTS))
-    assert model_index_from_results(path)[0]["name"] == "backbone"
-    import yaml
-
-    assert yaml.safe_load(yaml.safe_dump({"model-index": ev.model_index(RESULTS, "x")}))["model-index"][0]["name"] == "x"
+# classifier export (training.classifier)
 
 
 @pytest.mark.parametrize("kind", ["stock", "registers", "dinoforge"])
@@ -400,7 +431,7 @@ def test_export_classifier_loads_as_stock_model(tmp_path, kind):
     g = torch.Generator().manual_seed(0)
     head = LinearHead(weight=torch.randn(3, 64, generator=g), bias=torch.randn(3, generator=g),
                       feature="cls_avgpool", learning_rate=0.1, weight_decay=0.0)
-    folder = ev.export_classifier_model(backbone, head, tmp_path / "clf", class_names=["a", "b", "c"],
+    folder = export_classifier_model(backbone, head, tmp_path / "clf", class_names=["a", "b", "c"],
                                         image_processor=default_image_processor(28))
     clf = AutoModelForImageClassification.from_pretrained(folder).eval()
     expected_cls = "Dinov2WithRegistersForImageClassification" if kind == "registers" else \
@@ -414,6 +445,6 @@ def test_export_classifier_loads_as_stock_model(tmp_path, kind):
     expected = head(torch.cat([hidden[:, 0], hidden[:, prefix:].mean(1)], dim=1))
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
     with pytest.raises(EvaluationError, match="cls_avgpool"):
-        ev.export_classifier_model(backbone, LinearHead(torch.zeros(3, 32), torch.zeros(3), "cls", 0.1, 0.0),
+        export_classifier_model(backbone, LinearHead(torch.zeros(3, 32), torch.zeros(3), "cls", 0.1, 0.0),
                                    tmp_path / "x", class_names=["a", "b", "c"])
     assert math.isfinite(float(logits.sum()))

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from training import evaluation as ev
+from training.evaluation import features as ev_features
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +86,7 @@ def test_probe_cli_writes_results_and_reuses_cached_features(setup, capsys, monk
     def no_forward(*a, **k):
         raise AssertionError("features should come from the cache")
 
-    monkeypatch.setattr(ev, "forward_features", no_forward)
+    monkeypatch.setattr(ev_features, "forward_features", no_forward)
     assert probe.main(args) == 0
     assert json.loads((tmp / "out" / "results.json").read_text()) == results
     assert sorted((tmp / "cache").iterdir()) == cached
@@ -95,8 +96,10 @@ def test_exported_classifier_matches_probe_in_pipeline(setup):
     from transformers import AutoModelForImageClassification, pipeline
 
     tmp, model, data = setup
-    out = ev.run_probe(model, data, tmp / "out_export", num_workers=0, use_cache=False, progress=False,
-                       export_classifier=True, linear=ev.LinearProbeConfig(epochs=20, min_steps=200))
+    out = ev.run_probe(ev.ProbeConfig(
+        model=model, dataset=data, output_dir=tmp / "out_export", num_workers=0, use_cache=False, progress=False,
+        export_classifier=True, linear=ev.LinearProbeConfig(epochs=20, min_steps=200),
+    ))
     folder = tmp / "out_export" / "classifier"
     clf = AutoModelForImageClassification.from_pretrained(folder).eval()
     assert type(clf).__name__ == "Dinov2ForImageClassification"
@@ -104,7 +107,7 @@ def test_exported_classifier_matches_probe_in_pipeline(setup):
 
     head = out.heads["cls_avgpool"]
     test = out.features["test"]
-    expected = [out.class_names[i] for i in head.predict(test.features("cls_avgpool")).tolist()]
+    expected = [out.class_names[i] for i in ev.rank_classes(head(test.features("cls_avgpool")), 1)[:, 0].tolist()]
     import datasets
 
     images = list(datasets.load_dataset("imagefolder", data_dir=str(data), split="test")["image"])
@@ -141,20 +144,39 @@ def test_probe_script_runs_from_anywhere(tmp_path):
     assert "--output_dir" in proc.stdout and "--label_column" in proc.stdout
 
 
-def test_update_model_card_writes_model_index(tmp_path):
-    import yaml
+def test_probe_cli_cache_limit_and_clear(setup, tmp_path):
+    tmp, model, data = setup
+    cache = tmp_path / "cache"
+    common = ["--model", str(model), "--dataset", str(data), "--output_dir", str(tmp_path / "out"), "--num_workers",
+              "0", "--batch_size", "12", "--no_progress", "--linear_epochs", "5", "--cache_dir", str(cache)]
+    assert probe.main([*common, "--cache_max_gb", "1e-9"]) == 0  # ~1 byte: only the newest entry (test) stays
+    (kept,) = cache.iterdir()
+    assert json.loads((tmp_path / "out" / "details.json").read_text())["num_classes"] == 3
+    (cache / "features-stale.safetensors").write_bytes(b"from an older run")
+    (cache / "keep.txt").write_text("not a cache file")
+    assert probe.main([*common, "--clear_cache"]) == 0
+    names = sorted(p.name for p in cache.iterdir())
+    assert "features-stale.safetensors" not in names and "keep.txt" in names
+    assert len([n for n in names if n.startswith("features-")]) == 2  # train + test, recomputed
+    assert probe.main([*common, "--cache_max_gb", "-1"]) == 2
 
-    from training.evaluation import update_model_card
 
-    (tmp_path / "README.md").write_text("---\nlibrary_name: transformers\n---\n\n# My model\n\nText.\n")
-    results = {
-        "model": "m", "dataset": "my-org/data", "num_train": 10, "num_test": 5,
-        "knn": {k: {"top1": 50.0, "top5": 90.0} for k in ("10", "20", "100", "200")},
-        "linear": {"cls": {"top1": 60.0, "top5": 95.0}, "cls_avgpool": {"top1": 61.0, "top5": 96.0}},
-    }
-    path = update_model_card(tmp_path, results, "my-model")
-    text = path.read_text()
-    header = yaml.safe_load(text.split("---")[1])
-    assert header["library_name"] == "transformers" and "# My model" in text
-    metrics = header["model-index"][0]["results"][0]["metrics"]
-    assert {m["value"] for m in metrics} >= {50.0, 60.0, 61.0}
+def test_probe_cli_update_model_card(setup, tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    tmp, model, data = setup
+    common = ["--dataset", str(data), "--output_dir", str(tmp_path / "out"), "--num_workers", "0", "--no_cache",
+              "--no_progress", "--linear_epochs", "5", "--update_model_card"]
+    assert probe.main([*common, "--model", "my-org/not-a-folder"]) == 2  # refused before any work
+    assert "needs a local model folder" in capsys.readouterr().err
+    import shutil
+
+    folder = tmp_path / "backbone"
+    shutil.copytree(model, folder)
+    assert probe.main([*common, "--model", str(folder)]) == 0
+    card = ModelCard((folder / "README.md").read_text())
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    metrics = {r.metric_config: r.metric_value for r in card.data.eval_results}
+    assert metrics["knn-k20-top1"] == round(results["knn"]["20"]["top1"], 2)
+    assert metrics["linear-cls_avgpool-top5"] == round(results["linear"]["cls_avgpool"]["top5"], 2)
+    assert str(tmp_path) not in str(card)

@@ -1,6 +1,7 @@
-"""Pretrain a DINOv2 ViT: `accelerate launch train.py [--config FILE.yaml] [section.key=value ...]`.
+"""Pretrain a backbone: `accelerate launch train.py [--config FILE.yaml] [section.key=value ...]`.
 
-With no `--config` it trains the quickstart recipe (configs/quickstart.yaml) on the bundled sample images.
+The config's `method` (default `dinov2`) picks what is trained (see training/methods/). With no `--config` it
+trains the quickstart recipe (configs/quickstart.yaml) on the bundled sample images.
 `python train.py export CHECKPOINT OUT` writes `OUT/pretraining/` and `OUT/backbone/` from any checkpoint.
 """
 
@@ -22,13 +23,13 @@ def main(argv: list[str]) -> None:
         print("\n".join(f"{name}: {path}" for name, path in paths.items()))
         return
 
-    from training.config import ConfigError, load_config
+    from training.config import ConfigError
+    from training.methods import load_train_config
     from training.run import run
-    from training.train_config import TrainConfig
 
     has_config = any(a == "--config" or a.startswith("--config=") for a in argv)
     try:
-        cfg = load_config(TrainConfig, argv, config_file=None if has_config else QUICKSTART)
+        cfg = load_train_config(argv, config_file=None if has_config else QUICKSTART)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     run(cfg)

@@ -8,6 +8,7 @@ DINO (global + local) + iBOT (masked global patches) + KoLeo (student global CLS
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ from .losses import (
     soft_cross_entropy,
     teacher_targets,
 )
+from .method import DataPipeline, PretrainingMethod
 from .vision_transformer import DinoVisionConfig, DinoVisionModel, DinoVisionPreTrainedModel
 
 
@@ -138,7 +140,7 @@ def _all_reduce_count(n: int, device: torch.device) -> int:
     return int(t.item())
 
 
-class DinoForPretraining(DinoVisionPreTrainedModel):
+class DinoForPretraining(DinoVisionPreTrainedModel, PretrainingMethod):
     """Student + EMA teacher, each `{backbone, dino_head, ibot_head}`; the teacher never gets gradients.
 
     With a shared head (`separate_ibot_head=False`) there is no `ibot_head` module: the DINO head serves both.
@@ -314,6 +316,51 @@ class DinoForPretraining(DinoVisionPreTrainedModel):
         s_params = list(self.student.parameters())
         # lerp: one pass over the teacher (mul_ + add_ took two); exact at momentum 0 (copy) and 1 (no change)
         torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+
+    # ---- the method protocol (modeling/method.py): what the shared training loop calls
+
+    def data_pipeline(self) -> DataPipeline:
+        """Global + local crops, crop-major, with iBOT block masks on the global crops when iBOT is on."""
+        return DataPipeline("multicrop", {"patch_size": self.config.backbone_config.patch_size,
+                                          "masks": self.config.use_ibot})
+
+    def trainable_parts(self) -> dict[str, nn.Module]:
+        """The student's backbone and heads; each is a gradient-clipping group, as in the official loop."""
+        return dict(self.student.items())
+
+    def after_optimizer_step(self, momentum: float, **_: float) -> None:
+        self.update_teacher(momentum)
+
+    def step_state(self) -> list[torch.Tensor]:
+        return [self.dino_center, self.ibot_center]
+
+    def exports(self) -> dict[str, nn.Module]:
+        """The EMA teacher's backbone (what DINOv2 releases) and this whole model, to continue training from."""
+        return {"backbone": self.teacher_backbone, "pretraining": self}
+
+    def health(self, metrics: dict[str, float]) -> list[str]:
+        """Teacher collapse: every image of the batch on one prototype, or near-uniform targets."""
+        warnings = []
+        uniform = math.log(self.config.num_prototypes)
+        if metrics.get("teacher_prototypes_used", 2) <= 1:
+            warnings.append("teacher collapse: every image of the batch maps to one prototype")
+        elif metrics.get("teacher_entropy", 0.0) > 0.98 * uniform:
+            warnings.append(
+                f"teacher collapse: targets are near-uniform (entropy {metrics['teacher_entropy']:.2f} of max "
+                f"{uniform:.2f})"
+            )
+        return warnings
+
+    def model_card_rows(self, config: dict) -> dict[str, str]:
+        c, crops = self.config, config.get("crops") or {}
+        rows = {}
+        if crops:
+            rows["crops"] = (f"2 × {crops.get('global_size')} px global + {crops.get('local_number')} × "
+                             f"{crops.get('local_size')} px local")
+        rows["losses"] = (f"DINO {c.dino_weight} · iBOT {c.ibot_weight} · KoLeo {c.koleo_weight}, teacher centering "
+                          f"`{c.centering}`")
+        rows["prototypes"] = str(c.num_prototypes) + (f" (iBOT head {c.ibot_num_prototypes})" if c.separate_ibot_head else "")
+        return rows
 
     @property
     def teacher_backbone(self) -> DinoVisionModel:

@@ -14,10 +14,11 @@ import pytest
 import torch
 import yaml
 
-from training.config import ConfigError, load_config
+from training.config import ConfigError
+from training.methods import load_train_config
+from training.methods.dinov2 import DinoV2TrainConfig, teacher_schedules
 from training.param_groups import param_groups
 from training.schedules import Schedules, cosine_schedule, rise_hold_schedule
-from training.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,26 +68,26 @@ def losses_by_step(output_dir: Path) -> dict[int, dict]:
 
 def test_config_yaml_then_cli_overrides(tmp_path):
     path = write_config(tmp_path)
-    cfg = load_config(TrainConfig, ["--config", str(path), "optim.batch_size=8", "crops.global_scale=[0.4, 1.0]"])
+    cfg = load_train_config(["--config", str(path), "optim.batch_size=8", "crops.global_scale=[0.4, 1.0]"])
     assert cfg.optim.batch_size == 8 and cfg.crops.global_scale == (0.4, 1.0)
     assert cfg.model.hidden_size == 32 and cfg.config_name == "tiny"
     assert cfg.output_dir == "outputs/tiny"
     assert cfg.optim.weight_decay_end == 0.4  # untouched default
     from training.build import backbone_config
 
-    assert backbone_config(cfg).layerscale_init == 1e-5  # official default
-    ls = load_config(TrainConfig, ["--config", str(path), "model.layerscale_init=0.1"])
-    assert backbone_config(ls).layerscale_init == 0.1 and backbone_config(ls).hidden_size == 32
+    assert backbone_config(cfg.model, 28).layerscale_init == 1e-5  # official default
+    ls = load_train_config(["--config", str(path), "model.layerscale_init=0.1"])
+    assert backbone_config(ls.model, 28).layerscale_init == 0.1 and backbone_config(ls.model, 28).hidden_size == 32
 
 
 def test_unknown_keys_name_the_closest(tmp_path):
     with pytest.raises(ConfigError, match="optim.batch_sise.*batch_size"):
-        load_config(TrainConfig, ["optim.batch_sise=3"])
+        load_train_config(["optim.batch_sise=3"])
     with pytest.raises(ConfigError, match="unknown section 'optm'.*optim"):
-        load_config(TrainConfig, ["optm.epochs=3"])
+        load_train_config(["optm.epochs=3"])
     with pytest.raises(ConfigError, match="expected an integer"):
-        load_config(TrainConfig, ["optim.epochs=ten"])
-    assert load_config(TrainConfig, ["train.mixed_precision=no"]).train.mixed_precision == "no"  # YAML: no -> False
+        load_train_config(["optim.epochs=ten"])
+    assert load_train_config(["train.mixed_precision=no"]).train.mixed_precision == "no"  # YAML: no -> False
 
 
 # ---- schedules and parameter groups -------------------------------------------------------------------------
@@ -106,15 +107,19 @@ def test_cosine_schedule_matches_official_arrays():
 
 
 def test_recipe_schedules():
-    cfg = TrainConfig()
-    s = Schedules(cfg, global_batch=1024)
+    cfg = DinoV2TrainConfig()
+    s = Schedules(cfg.optim, global_batch=1024)
+    teacher = teacher_schedules(cfg)
     ep = cfg.optim.iters_per_epoch
     assert s.at(0).lr == 0.0 and s.at(0).last_layer_lr == 0.0
     assert s.at(ep - 1).last_layer_lr == 0.0 and s.at(ep).last_layer_lr > 0  # last layer frozen for 1 epoch
     assert math.isclose(s.at(10 * ep).lr, 4e-3, rel_tol=1e-9)  # sqrt(1024/1024) * base after warm-up
-    assert math.isclose(s.at(0).teacher_temp, 0.04) and math.isclose(s.at(30 * ep).teacher_temp, 0.07)
-    assert math.isclose(s.at(0).weight_decay, 0.04) and math.isclose(s.at(0).momentum, 0.992)
-    assert math.isclose(Schedules(cfg, 256).lr, 4e-3 * 0.5)
+    assert math.isclose(teacher["teacher_temp"](0), 0.04) and math.isclose(teacher["teacher_temp"](30 * ep), 0.07)
+    assert math.isclose(s.at(0).weight_decay, 0.04) and math.isclose(teacher["momentum"](0), 0.992)
+    assert math.isclose(Schedules(cfg.optim, 256).lr, 4e-3 * 0.5)
+    assert "lr_scale/backbone" not in teacher
+    warm = teacher_schedules(load_train_config(["model.head_warmup_steps=5"]))["lr_scale/backbone"]
+    assert (warm(4), warm(5)) == (0.0, 1.0)
 
 
 def test_rise_hold_schedule_matches_dinov3_arrays():
@@ -126,18 +131,18 @@ def test_rise_hold_schedule_matches_dinov3_arrays():
     official = np.concatenate([(0.0 - end) * cosine + end, np.full(total - rise, end)])
     np.testing.assert_allclose([rise_hold_schedule(i, rise, end) for i in range(total)], official, rtol=1e-12, atol=0)
 
-    cfg = load_config(TrainConfig, ["--config", str(ROOT / "configs" / "highres_multires.yaml")])
-    s = Schedules(cfg, global_batch=1024)
+    cfg = load_train_config(["--config", str(ROOT / "configs" / "highres_multires.yaml")])
+    s = Schedules(cfg.optim, global_batch=1024)
+    teacher = teacher_schedules(cfg)
     assert s.at(0).lr == 0.0 and math.isclose(s.at(10_000).lr, 5e-5) and math.isclose(s.at(29_999).lr, 5e-5)
     assert s.at(4_999).lr < 5e-5 / 2 < s.at(5_000).lr  # half-way up the cosine rise (step 4999.5)
     for step in (0, 12_345, 29_999):
-        v = s.at(step)
-        assert (v.weight_decay, v.momentum, v.teacher_temp) == (0.04, 0.999, 0.07)
+        assert (s.at(step).weight_decay, teacher["momentum"](step), teacher["teacher_temp"](step)) == (0.04, 0.999, 0.07)
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("curate")))
 def test_every_training_recipe_loads(recipe):
-    cfg = load_config(TrainConfig, ["--config", str(ROOT / "configs" / recipe)])
+    cfg = load_train_config(["--config", str(ROOT / "configs" / recipe)])
     assert cfg.config_name == recipe.removesuffix(".yaml")
     rows = cfg.crops.resolutions or [(cfg.crops.global_size, cfg.crops.local_size, 1.0)]
     assert all(g % 14 == 0 and lo % 14 == 0 for g, lo, _ in rows)
@@ -145,11 +150,11 @@ def test_every_training_recipe_loads(recipe):
 
 
 def test_param_groups_layer_decay_and_no_decay(tmp_path):
-    from training.build import build_pretraining_model
+    from training.methods.dinov2 import build_pretraining_model
 
-    cfg = load_config(TrainConfig, ["--config", str(write_config(tmp_path))])
+    cfg = load_train_config(["--config", str(write_config(tmp_path))])
     model = build_pretraining_model(cfg)
-    groups = param_groups(model.student, layerwise_decay=0.9, patch_embed_lr_mult=0.2)
+    groups = param_groups(model.trainable_parts(), layerwise_decay=0.9, patch_embed_lr_mult=0.2)
     by_name = {n: g for g in groups for n in g["names"]}
     L = 2
     assert math.isclose(by_name["backbone.blocks.0.attn.qkv.weight"]["lr_multiplier"], 0.9 ** L)
@@ -162,7 +167,8 @@ def test_param_groups_layer_decay_and_no_decay(tmp_path):
     assert by_name["backbone.embeddings.cls_token"]["wd_multiplier"] == 1.0  # official decays tokens
     assert by_name["dino_head.last_layer.weight_v"]["is_last_layer"]
     assert by_name["dino_head.mlp.0.weight"]["lr_multiplier"] == 1.0
-    no_tokens = param_groups(model.student, 0.9, 0.2, decay_tokens=False)
+    assert by_name["backbone.norm.weight"]["part"] == "backbone" and by_name["dino_head.mlp.0.weight"]["part"] == "dino_head"
+    no_tokens = param_groups(model.trainable_parts(), 0.9, 0.2, decay_tokens=False)
     assert {n: g for g in no_tokens for n in g["names"]}["backbone.embeddings.cls_token"]["wd_multiplier"] == 0.0
     assert sum(len(g["params"]) for g in groups) == len(list(model.student.parameters()))
 
@@ -205,11 +211,11 @@ def test_outputs_and_export_load_with_stock_transformers(tmp_path):
     out = tmp_path / "run"
     res = run_train(config, f"train.output_dir={out}", "train.max_steps=3", "train.save_every=0",
                     "train.eval_every=3", "data.eval_dataset=sample")
-    assert "kNN (k=20) top-1 on sample/test: trained teacher" in res.stdout + res.stderr
+    assert "kNN (k=20) top-1 on sample/test: trained backbone" in res.stdout + res.stderr
     knn_rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "knn/top1" in x]
     assert len(knn_rows) == 1 and knn_rows[0]["step"] == 3 and 0 <= knn_rows[0]["knn/top1"] <= 100
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["knn"]["trained_teacher"]["knn/top1"] == knn_rows[0]["knn/top1"]
+    assert summary["knn"]["trained"]["knn/top1"] == knn_rows[0]["knn/top1"]
     assert (out / "config.yaml").is_file() and yaml.safe_load((out / "config.yaml").read_text())["train"]["seed"] == 0
     assert (out / "checkpoint-3" / "model.safetensors").is_file()
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
@@ -255,10 +261,10 @@ def test_multi_resolution_run(tmp_path):
     assert sorted(rows) == list(range(1, 7)) and all(math.isfinite(r["loss"]) for r in rows.values())
     assert {r["global_size"] for r in rows.values()} == {28, 42}  # both drawn with seed 0
     with pytest.raises(ValueError, match="not a multiple of the patch size 14: use 28 or 42"):
-        from training.loop import _crop_pipelines
+        from training.pipelines import crop_pipelines
 
-        cfg = load_config(TrainConfig, ["--config", str(config), "crops.resolutions=[[30, 14, 1.0]]"])
-        _crop_pipelines(cfg, 14)
+        cfg = load_train_config(["--config", str(config), "crops.resolutions=[[30, 14, 1.0]]"])
+        crop_pipelines(cfg, 14, masks=True)
 
 
 def test_nonfinite_losses_abort_with_checkpoint(tmp_path):
@@ -295,20 +301,19 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path):
 def test_init_from_backbone_and_highres_resampling(tmp_path):
     from modeling import DinoForPretraining, DinoVisionConfig, DinoVisionModel
     from modeling.convert import export_backbone
-    from training.build import build_pretraining_model
+    from training.methods.dinov2 import build_pretraining_model
 
     torch.manual_seed(0)
     source = DinoVisionModel(DinoVisionConfig(image_size=28, hidden_size=32, num_hidden_layers=2, num_attention_heads=2))
     export_backbone(source, tmp_path / "stock")  # a stock transformers Dinov2Model folder
-    cfg = load_config(TrainConfig, ["--config", str(write_config(tmp_path)), f"model.init_from={tmp_path / 'stock'}"])
+    cfg = load_train_config(["--config", str(write_config(tmp_path)), f"model.init_from={tmp_path / 'stock'}"])
     model = build_pretraining_model(cfg)
     x = torch.randn(2, 3, 28, 28)
     for tower in (model.student, model.teacher):
         torch.testing.assert_close(tower["backbone"].eval()(x).last_hidden_state, source.eval()(x).last_hidden_state)
 
     model.save_pretrained(tmp_path / "pretraining")
-    cfg = load_config(
-        TrainConfig,
+    cfg = load_train_config(
         ["--config", str(write_config(tmp_path)), f"model.init_from={tmp_path / 'pretraining'}", "model.image_size=56"],
     )
     continued = build_pretraining_model(cfg)

@@ -1,22 +1,44 @@
-"""Build the pretraining model from a `TrainConfig`, optionally starting from existing weights (`model.init_from`)."""
+"""Our ViT backbone from a config section: the `model` section, its `DinoVisionConfig`, starting weights from any
+DINOv2 source (`model.init_from`) and the high-res phase's one-time position-embedding resampling. Shared by the
+methods that train our ViT (DINOv2, distillation, ...)."""
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from modeling import DinoForPretraining, DinoPretrainingConfig, DinoVisionConfig, DinoVisionModel
-
-from .train_config import TrainConfig
+from modeling import DinoVisionConfig, DinoVisionModel
 
 logger = logging.getLogger(__name__)
 
 
-def backbone_config(cfg: TrainConfig) -> DinoVisionConfig:
-    m = cfg.model
+@dataclass
+class ModelConfig:
+    preset: str = "vits14"  # vits14 | vitb14 | vitl14 | vitg14
+    num_register_tokens: int = 0
+    drop_path_rate: float | None = None  # None: the preset's (0.3 S/B, 0.4 L/g)
+    # Size overrides (None: the preset's) - the quickstart uses a tiny ViT.
+    hidden_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    ffn: str | None = None  # mlp | swiglu
+    layerscale_init: float | None = None  # None: the official 1e-5
+    image_size: int | None = None  # position-embedding grid; None: crops.global_size
+    # Start from existing weights: a Hub id or folder of a stock transformers DINOv2, one of our exports,
+    # an official-format state dict file (.pth/.safetensors), or our `pretraining/` folder (keeps heads+centers).
+    init_from: str | None = None
+    head_warmup_steps: int = 0  # with init_from: train only the heads (backbone frozen) for this many steps
+    gradient_checkpointing: bool = False
+    compile: bool = False
+
+
+def backbone_config(model: ModelConfig, global_size: int) -> DinoVisionConfig:
+    """`DinoVisionConfig` of the `model` section; the position-embedding grid defaults to the global crop size."""
+    m = model
     overrides = {
         k: v
         for k, v in dict(
@@ -29,32 +51,11 @@ def backbone_config(cfg: TrainConfig) -> DinoVisionConfig:
         ).items()
         if v is not None
     }
-    image_size = m.image_size or cfg.crops.global_size
+    image_size = m.image_size or global_size
     return DinoVisionConfig.from_preset(m.preset, image_size=image_size, num_register_tokens=m.num_register_tokens, **overrides)
 
 
-def pretraining_config(cfg: TrainConfig, backbone: DinoVisionConfig) -> DinoPretrainingConfig:
-    h, loss = cfg.heads, cfg.loss
-    return DinoPretrainingConfig(
-        backbone_config=backbone,
-        num_prototypes=h.num_prototypes,
-        hidden_dim=h.hidden_dim,
-        bottleneck_dim=h.bottleneck_dim,
-        head_nlayers=h.nlayers,
-        separate_ibot_head=h.separate_ibot_head,
-        ibot_num_prototypes=h.ibot_num_prototypes,
-        ibot_hidden_dim=h.ibot_hidden_dim,
-        ibot_bottleneck_dim=h.ibot_bottleneck_dim,
-        dino_weight=loss.dino_weight,
-        ibot_weight=loss.ibot_weight,
-        koleo_weight=loss.koleo_weight,
-        centering=loss.centering,
-        student_temp=loss.student_temp,
-        center_momentum=loss.center_momentum,
-    )
-
-
-def _model_type(path: Path) -> str | None:
+def folder_model_type(path: Path) -> str | None:
     config = path / "config.json"
     if config.is_file():
         return json.loads(config.read_text()).get("model_type")
@@ -78,8 +79,10 @@ def load_backbone(source: str, drop_path_rate: float | None = None) -> DinoVisio
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
         backbone = from_official_state_dict(state_dict, None)
     else:
-        model_type = _model_type(path) if path.is_dir() else AutoConfig.from_pretrained(source).model_type
+        model_type = folder_model_type(path) if path.is_dir() else AutoConfig.from_pretrained(source).model_type
         if model_type == "dinoforge_pretraining":
+            from modeling import DinoForPretraining
+
             backbone = DinoForPretraining.from_pretrained(source).teacher_backbone
         elif model_type == "dinoforge_vit":
             backbone = DinoVisionModel.from_pretrained(source)
@@ -95,35 +98,3 @@ def load_backbone(source: str, drop_path_rate: float | None = None) -> DinoVisio
         for block in backbone.blocks:
             block.drop_path_rate = drop_path_rate
     return backbone
-
-
-def build_pretraining_model(cfg: TrainConfig) -> DinoForPretraining:
-    """Fresh model from the recipe, or `init_from`: our `pretraining/` folder continues with heads and centers;
-    any other backbone source initialises student and teacher backbones, with fresh heads."""
-    source = cfg.model.init_from
-    if not source:
-        return DinoForPretraining(pretraining_config(cfg, backbone_config(cfg)))
-    if Path(source).is_dir() and _model_type(Path(source)) == "dinoforge_pretraining":
-        logger.info("continuing from %s (backbones, heads and loss centers)", source)
-        model = DinoForPretraining.from_pretrained(source)
-    else:
-        backbone = load_backbone(source, cfg.model.drop_path_rate)
-        model = DinoForPretraining(pretraining_config(cfg, backbone.config))
-        state = backbone.state_dict()
-        model.student["backbone"].load_state_dict(state)
-        model.teacher["backbone"].load_state_dict(state)
-        logger.info("initialised student and teacher backbones from %s (fresh heads)", source)
-    resample_position_embeddings(model, cfg.model.image_size)
-    return model
-
-
-def resample_position_embeddings(model: DinoForPretraining, image_size: int | None) -> None:
-    """High-res phase: resample both towers' position-embedding grids once to `image_size` (saved that way),
-    instead of interpolating at every step. Nothing to do when `image_size` is unset or already the grid."""
-    if image_size is None or image_size == model.student_backbone.config.image_size:
-        return
-    old = model.student_backbone.config.image_size
-    for tower in (model.student, model.teacher):
-        tower["backbone"].resize_position_embeddings(image_size)
-    model.config.backbone_config.image_size = image_size
-    logger.info("resampled position embeddings from %d px to %d px", old, image_size)

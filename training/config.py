@@ -148,11 +148,8 @@ def parse_override(item: str) -> dict[str, Any]:
     return out
 
 
-def load_config(cls: type[T], argv: list[str] | None = None, config_file: str | Path | None = None) -> T:
-    """Build a config: `cls()` defaults, then the YAML file, then `section.key=value` overrides.
-
-    `argv` may contain `--config FILE` (or `--config=FILE`); everything else must be an override.
-    """
+def _split_argv(argv: list[str] | None, config_file: str | Path | None) -> tuple[str | Path | None, list[str]]:
+    """(config file, overrides) from `[--config FILE] [section.key=value ...]`."""
     argv = list(argv or [])
     overrides: list[str] = []
     i = 0
@@ -171,18 +168,45 @@ def load_config(cls: type[T], argv: list[str] | None = None, config_file: str | 
         else:
             overrides.append(arg)
         i += 1
+    return config_file, overrides
+
+
+def _read_yaml(config_file: str | Path) -> dict[str, Any]:
+    path = Path(config_file)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' not found; pass an existing YAML file to --config")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections")
+    return data
+
+
+def peek(argv: list[str] | None, key: str, config_file: str | Path | None = None) -> Any:
+    """The value of top-level `key` as the full config would resolve it (CLI override, else YAML), or None.
+
+    Lets a script pick the config class before building it (e.g. `method` picks the method's sections)."""
+    config_file, overrides = _split_argv(argv, config_file)
+    value = _read_yaml(config_file).get(key) if config_file is not None else None
+    for item in overrides:
+        parsed = parse_override(item)
+        if key in parsed:
+            value = parsed[key]
+    return value
+
+
+def load_config(cls: type[T], argv: list[str] | None = None, config_file: str | Path | None = None) -> T:
+    """Build a config: `cls()` defaults, then the YAML file, then `section.key=value` overrides.
+
+    `argv` may contain `--config FILE` (or `--config=FILE`); everything else must be an override.
+    """
+    config_file, overrides = _split_argv(argv, config_file)
     config = cls()
     if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' not found; pass an existing YAML file to --config")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping of sections")
+        data = _read_yaml(config_file)
         data.pop("config_name", None)
         config = merge(config, data)
         if hasattr(config, "config_name"):
-            config = dataclasses.replace(config, config_name=path.stem)
+            config = dataclasses.replace(config, config_name=Path(config_file).stem)
     for item in overrides:
         config = merge(config, parse_override(item))
     return config

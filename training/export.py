@@ -1,25 +1,37 @@
-"""Export a run: `pretraining/` (DinoForPretraining with heads and centers) and `backbone/` (stock transformers
-DINOv2 of the EMA teacher + image processor + model card), from a live model or any checkpoint directory."""
+"""Export a run: every entry of the method's `exports()` — `backbone/` (stock-loadable, with image processor and
+model card; `backbone/<name>/` for several), and e.g. `pretraining/` (the whole model, to continue training) —
+from a live model or from any checkpoint directory."""
 
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
-from string import Template
 from typing import Any
 
 import yaml
 from safetensors.torch import load_file
+from torch import nn
 
-from modeling import DinoForPretraining, DinoPretrainingConfig
-from modeling.convert import export_backbone, transformers_matches_at_all_sizes
+from modeling import DinoVisionModel
+from modeling.convert import export_backbone
 
-CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "model_card.md"
+from .model_card import render_model_card
 
 
-def load_checkpoint_model(checkpoint: str | Path) -> DinoForPretraining:
-    """Rebuild `DinoForPretraining` from a `checkpoint-<step>/` directory (model config + safetensors weights)."""
+def is_backbone_export(name: str) -> bool:
+    return name == "backbone" or name.startswith("backbone/")
+
+
+def load_checkpoint_model(checkpoint: str | Path) -> nn.Module:
+    """Rebuild a run's model from a `checkpoint-<step>/` directory (model config + safetensors weights).
+
+    The model class comes from the config's `model_type` through `AutoModelForPreTraining`, where every method
+    registers its pretraining class (import `modeling` first)."""
+    from transformers import AutoConfig, AutoModelForPreTraining
+
+    import modeling  # noqa: F401  (registers the dinoforge classes with the Auto classes)
+
     checkpoint = Path(checkpoint)
     if not (checkpoint / "config.json").is_file():
         raise FileNotFoundError(f"{checkpoint} has no config.json: pass a checkpoint-<step> directory of a run")
@@ -29,77 +41,47 @@ def load_checkpoint_model(checkpoint: str | Path) -> DinoForPretraining:
             f"{checkpoint} has no model.safetensors (a sharded FSDP checkpoint? merge it first with "
             f"`accelerate merge-weights {checkpoint}/pytorch_model_fsdp_0 {checkpoint}`)"
         )
-    model = DinoForPretraining(DinoPretrainingConfig.from_pretrained(checkpoint))
+    config = AutoConfig.from_pretrained(checkpoint)
+    try:
+        model = AutoModelForPreTraining.from_config(config)
+    except ValueError as e:
+        raise ValueError(
+            f"{checkpoint}: model type {config.model_type!r} is not registered with AutoModelForPreTraining; export "
+            "it from a process that registers its method"
+        ) from e
     missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
     if missing or unexpected:
         raise ValueError(f"checkpoint {checkpoint} does not match its config: missing {missing}, unexpected {unexpected}")
-    return model
+    return model.eval()
 
 
-def render_model_card(model: DinoForPretraining, run: dict[str, Any], results: dict | None = None) -> str:
-    """Fill `model_cards/model_card.md`; `run` carries the resolved config (dict) and summary values."""
-    bc = model.config.backbone_config
-    cfg = run.get("config", {})
-    crops, loss, data = cfg.get("crops", {}), cfg.get("loss", {}), cfg.get("data", {})
-    dataset = data.get("dataset", "unknown")
-    metadata_index = ""
-    evaluation = "No evaluation was run for this export (`python probe.py --model <this folder> --dataset ...`)."
-    if results:
-        from training.evaluation import model_index
-
-        metadata_index = yaml.safe_dump({"model-index": model_index(results, run.get("model_name", "model"))}, sort_keys=False)
-        evaluation = "```json\n" + json.dumps(results, indent=2) + "\n```"
-    is_hub_dataset = "/" in dataset and not Path(dataset).exists()
-    note = (
-        ""
-        if transformers_matches_at_all_sizes(bc)
-        else "Note: this model interpolates position embeddings with the official DINOv2 0.1 offset; stock "
-        "`transformers` `Dinov2Model` interpolates without it, so at resolutions other than the native grid its "
-        "outputs differ slightly from the original model's (max |Δ| ≈ 0.03 measured on a small random model)."
-    )
-    values = dict(
-        model_name=run.get("model_name", "dinoforge ViT"),
-        repo_id=run.get("repo_id", "path/to/this/folder"),
-        datasets_yaml=yaml.safe_dump({"datasets": [dataset]}) if is_hub_dataset else "",
-        model_index_yaml=metadata_index,
-        hf_class="Dinov2WithRegistersModel" if bc.num_register_tokens else "Dinov2Model",
-        hidden_size=bc.hidden_size,
-        num_hidden_layers=bc.num_hidden_layers,
-        num_attention_heads=bc.num_attention_heads,
-        patch_size=bc.patch_size,
-        ffn=bc.ffn,
-        num_register_tokens=bc.num_register_tokens,
-        image_size=bc.image_size,
-        grid=bc.image_size // bc.patch_size,
-        interpolation_note=note,
-        config_name=cfg.get("config_name", "custom"),
-        dataset=dataset,
-        steps=run.get("step", "?"),
-        global_batch=run.get("global_batch", "?"),
-        global_size=crops.get("global_size", "?"),
-        local_number=crops.get("local_number", "?"),
-        local_size=crops.get("local_size", "?"),
-        dino_weight=loss.get("dino_weight", model.config.dino_weight),
-        ibot_weight=loss.get("ibot_weight", model.config.ibot_weight),
-        koleo_weight=loss.get("koleo_weight", model.config.koleo_weight),
-        centering=model.config.centering,
-        seed=cfg.get("train", {}).get("seed", "?"),
-        last_metrics=json.dumps(run.get("last_log", {})) or "none",
-        evaluation=evaluation,
-    )
-    return Template(CARD_TEMPLATE.read_text()).substitute(values)
+def save_backbone(backbone: nn.Module, folder: Path) -> Path:
+    """A stock-loadable backbone folder: our ViT becomes a stock transformers DINOv2 (+ the released models' image
+    processor); any other `PreTrainedModel` is saved as it is."""
+    if isinstance(backbone, DinoVisionModel):
+        return export_backbone(backbone, folder)
+    backbone.save_pretrained(folder)
+    return folder
 
 
-def export_run(
-    model: DinoForPretraining, out_dir: str | Path, run: dict[str, Any] | None = None, results: dict | None = None
-) -> dict[str, Path]:
-    """Write `out_dir/pretraining/` and `out_dir/backbone/` (with README.md model card)."""
+def export_run(model: nn.Module, out_dir: str | Path, run: dict[str, Any] | None = None,
+               results: dict | None = None) -> dict[str, Path]:
+    """Write every entry of `model.exports()` under `out_dir`; backbones get a README.md model card.
+
+    `results` (optional) go into the cards' model-index and Evaluation section: a probe results.json dict or the
+    run's k-NN summary (shapes: `training.model_card`).
+    """
     out = Path(out_dir)
-    pretraining = out / "pretraining"
-    model.save_pretrained(pretraining)
-    backbone = export_backbone(model.teacher_backbone, out / "backbone")
-    (backbone / "README.md").write_text(render_model_card(model, run or {}, results))
-    return {"pretraining": pretraining, "backbone": backbone}
+    paths: dict[str, Path] = {}
+    for name, module in model.exports().items():
+        folder = out / name
+        if is_backbone_export(name):
+            paths[name] = save_backbone(module, folder)
+            (folder / "README.md").write_text(render_model_card(model, module, run or {}, results))
+        else:
+            module.save_pretrained(folder)
+            paths[name] = folder
+    return paths
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> dict[str, Path]:
@@ -118,16 +100,23 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> dict[str, 
 
 def build_hub_folder(paths: dict[str, Path], dest: str | Path) -> Path:
     """The exact repository `push_to_hub` uploads: `backbone/` at the root (so `AutoModel.from_pretrained(repo_id)`
-    works), `pretraining/` in a subfolder (`from_pretrained(repo_id, subfolder="pretraining")`)."""
+    works), every other export in its subfolder (e.g. `from_pretrained(repo_id, subfolder="pretraining")`)."""
     dest = Path(dest)
     if dest.exists():
         shutil.rmtree(dest)
-    shutil.copytree(paths["backbone"], dest)
-    shutil.copytree(paths["pretraining"], dest / "pretraining")
-    # transformers looks for `trust_remote_code` modules at the repo root even when loading a subfolder, so the
-    # pretraining model's code files go there too (the root config has no auto_map: stock loading is unaffected).
-    for code in Path(paths["pretraining"]).glob("*.py"):
-        shutil.copy2(code, dest / code.name)
+    root = "backbone" if "backbone" in paths else None
+    if root is None:
+        dest.mkdir(parents=True)
+    else:
+        shutil.copytree(paths[root], dest)
+    for name, path in paths.items():
+        if name == root:
+            continue
+        shutil.copytree(path, dest / name)
+        # transformers looks for `trust_remote_code` modules at the repo root even when loading a subfolder, so the
+        # code files go there too (the root config has no auto_map: stock loading is unaffected).
+        for code in Path(path).glob("*.py"):
+            shutil.copy2(code, dest / code.name)
     return dest
 
 
@@ -135,9 +124,9 @@ def push_to_hub(paths: dict[str, Path], repo_id: str, private: bool = False, sta
     """Create the repo if needed and upload `build_hub_folder(paths)` in one commit."""
     from huggingface_hub import HfApi
 
-    staging = Path(staging_dir) if staging_dir else Path(paths["backbone"]).parent / "hub"
+    staging = Path(staging_dir) if staging_dir else Path(next(iter(paths.values()))).parent / "hub"
     folder = build_hub_folder(paths, staging)
     api = HfApi()
     api.create_repo(repo_id, private=private, exist_ok=True)
-    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="dinoforge: backbone + pretraining/")
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=f"dinoforge: {', '.join(sorted(paths))}")
     return f"https://huggingface.co/{repo_id}"

@@ -1,7 +1,10 @@
-"""The DINOv2 training loop on Accelerate, readable top to bottom.
+"""The training loop on Accelerate, readable top to bottom; it serves every method and names none.
 
+What it asks of the model is the method protocol (`modeling/method.py`, docs/adding_a_method.md): its data
+pipeline, trainable parts, per-step schedule values, post-step hook, step state, exports and health signals.
 One optimizer step = `grad_accum_steps` micro-batches (accumulated by hand with `no_sync`, so the count survives a
-resume exactly). Sinkhorn-Knopp and the softmax centers act per micro-batch, as a smaller batch would.
+resume exactly); state a model updates in its forward (e.g. loss centers) changes per micro-batch, as with a
+smaller batch.
 """
 
 from __future__ import annotations
@@ -9,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -19,14 +21,13 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
-from .augment import MultiCropAugmentation
-from .build import build_pretraining_model
 from .checkpoint import load_trainer_state, resolve_resume, save_checkpoint
 from .config import save_config, to_dict
 from .cpu_memory import keep_freed_memory
-from .data import build_dataloader, load_image_dataset, set_loader_epoch
-from .masking import BlockMaskGenerator
+from .data import load_image_dataset, set_loader_epoch
+from .methods import get_method
 from .param_groups import apply_schedule, param_groups
+from .pipelines import BOOKKEEPING_KEYS, build_pipeline
 from .schedules import Schedules
 from .train_config import TrainConfig
 
@@ -70,44 +71,29 @@ def train(cfg: TrainConfig) -> dict:
     accelerator.init_trackers(cfg.config_name, config=_flat(to_dict(cfg)))
 
     # ---- model, optimizer
-    model = build_pretraining_model(cfg)
-    if cfg.model.gradient_checkpointing:
-        model.student["backbone"].gradient_checkpointing_enable()
-    groups = param_groups(model.student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult, cfg.optim.decay_tokens)
+    method = get_method(cfg.method)
+    model = method.build_model(cfg)
+    groups = param_groups(model.trainable_parts(), cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult,
+                          cfg.optim.decay_tokens)
     # Fused AdamW (one kernel for all parameters) where parameters are plain tensors; FSDP/DeepSpeed keep the default.
     plain = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
     optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.optim.betas), fused=True if plain else None)
-    if cfg.model.compile:
-        for tower in (model.student, model.teacher):
-            tower["backbone"].compile()
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 
-    # ---- data: multi-crop + masks in the DataLoader workers, sharded per process
-    patch = unwrapped.config.backbone_config.patch_size
+    # ---- data: the method's pipeline (augmentation + collate in the DataLoader workers), sharded per process
     dataset = load_image_dataset(
         cfg.data.dataset, cfg.data.split, cfg.data.image_column, cfg.data.streaming,
         rank=accelerator.process_index, world_size=accelerator.num_processes,
     )
-    augmentations, mask_generators, probabilities = _crop_pipelines(cfg, patch)
-    loader = build_dataloader(
-        dataset,
-        augmentations,
-        cfg.optim.batch_size,
-        image_column=cfg.data.image_column,
-        mask_generator=mask_generators,
-        resolution_probabilities=probabilities,
-        mask_ratio_min_max=cfg.masking.ratio_min_max,
-        mask_sample_probability=cfg.masking.sample_probability,
-        seed=cfg.train.seed,
-        num_replicas=accelerator.num_processes,
-        rank=accelerator.process_index,
-        num_workers=cfg.data.num_workers,
+    loader = build_pipeline(
+        unwrapped.data_pipeline(), cfg, dataset, rank=accelerator.process_index, world_size=accelerator.num_processes
     )
     streaming = cfg.data.streaming
 
     global_batch = cfg.optim.batch_size * accelerator.num_processes * cfg.optim.grad_accum_steps
-    schedules = Schedules(cfg, global_batch)
+    schedules = Schedules(cfg.optim, global_batch)
+    method_schedules = method.schedules(cfg)
     total_steps = cfg.total_steps
 
     # ---- resume
@@ -160,27 +146,25 @@ def train(cfg: TrainConfig) -> dict:
             if n_images == 0:  # every image of some process's batch was undecodable: nobody steps
                 continue
             values = schedules.at(step)
-            apply_schedule(optimizer, values.lr, values.last_layer_lr, values.weight_decay)
-            if step < cfg.model.head_warmup_steps:  # backbone frozen while the fresh heads warm up
-                _zero_backbone_lr(optimizer)
+            method_values = {name: schedule(step) for name, schedule in method_schedules.items()}
+            model_kwargs = {k: v for k, v in method_values.items() if not k.startswith("lr_scale/")}
+            lr_scales = {k.removeprefix("lr_scale/"): v for k, v in method_values.items() if k.startswith("lr_scale/")}
+            apply_schedule(optimizer, values.lr, values.last_layer_lr, values.weight_decay, lr_scales)
 
-            centers = (unwrapped.dino_center.clone(), unwrapped.ibot_center.clone())
+            state_before = [t.clone() for t in unwrapped.step_state()]
+            inputs = {k: _to_device(v, accelerator.device) for k, v in batch.items() if k not in BOOKKEEPING_KEYS}
             sync_now = micro == accum - 1
             context = accelerator.no_sync(model) if not sync_now else contextlib.nullcontext()
             with context:
-                out = model(
-                    batch["global_crops"].to(accelerator.device, non_blocking=True),
-                    None if batch["local_crops"] is None else batch["local_crops"].to(accelerator.device, non_blocking=True),
-                    None if batch["masks"] is None else batch["masks"].to(accelerator.device, non_blocking=True),
-                    teacher_temp=values.teacher_temp,
-                )
+                out = model(**inputs, **model_kwargs)
                 finite = _all_finite(accelerator, out.loss)
                 if finite:
                     accelerator.backward(out.loss / accum)
             if not finite:
-                # Skip the whole optimizer step on every process; the centers must not learn from NaNs either.
-                unwrapped.dino_center.copy_(centers[0])
-                unwrapped.ibot_center.copy_(centers[1])
+                # Skip the whole optimizer step on every process; the model's state must not learn from NaNs either.
+                with torch.no_grad():
+                    for tensor, before in zip(unwrapped.step_state(), state_before):
+                        tensor.copy_(before)
                 optimizer.zero_grad(set_to_none=True)
                 micro = 0
                 counters["nonfinite_steps"] += 1
@@ -200,11 +184,11 @@ def train(cfg: TrainConfig) -> dict:
                 continue
             micro = 0
 
-            # ---- optimizer step, EMA teacher
-            _clip_gradients(accelerator, unwrapped, cfg.optim.clip_grad)
+            # ---- optimizer step, then the method's post-step hook (EMA / momentum updates)
+            _clip_gradients(accelerator, unwrapped.trainable_parts(), cfg.optim.clip_grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            unwrapped.update_teacher(values.momentum)
+            unwrapped.after_optimizer_step(**model_kwargs)
             step += 1
             counters["nonfinite_in_a_row"] = 0
             progress.update(1)
@@ -214,18 +198,21 @@ def train(cfg: TrainConfig) -> dict:
                 now = time.perf_counter()
                 images_per_s = _sum_across(accelerator, images_since) / max(now - t_last, 1e-9)
                 t_last, images_since = now, 0
-                last_log = _log_values(accelerator, out, values, step, images_per_s, counters)
-                if cfg.crops.resolutions:  # the resolution drawn for this step's batch
-                    last_log["global_size"] = batch["global_crops"].shape[-1]
+                last_log = {"step": step, **_output_scalars(accelerator, out)}
+                last_log.update(lr=values.lr, weight_decay=values.weight_decay, **method_values)
+                last_log.update(batch.get("log") or {})
+                last_log.update(images_per_s=images_per_s, nonfinite_steps=counters["nonfinite_steps"],
+                                skipped_images=counters["skipped_images"])
                 if accelerator.is_main_process:
                     with metrics_file.open("a") as f:
                         f.write(json.dumps(last_log) + "\n")
                     progress.set_postfix(loss=f"{last_log['loss']:.3f}", img_s=f"{images_per_s:.1f}")
-                    _warn_collapse(last_log, unwrapped.config.num_prototypes)
+                    for warning in unwrapped.health(last_log):
+                        logger.warning("%s (step %d)", warning, step)
                 accelerator.log(last_log, step=step)
 
             if eval_sets is not None and step % cfg.train.eval_every == 0:
-                knn = knn_top1(unwrapped.teacher_backbone, eval_sets, cfg, accelerator)
+                knn = knn_top1(eval_backbone(unwrapped), eval_sets, cfg, accelerator)
                 knn["step"] = step
                 if accelerator.is_main_process:
                     with metrics_file.open("a") as f:
@@ -274,25 +261,18 @@ def knn_top1(backbone, eval_sets, cfg: TrainConfig, accelerator=None) -> dict[st
 # ---- small helpers -------------------------------------------------------------------------------------------
 
 
-def _crop_pipelines(cfg: TrainConfig, patch: int):
-    """Augmentation(s), iBOT mask generator(s) and resolution probabilities (None: one fixed resolution)."""
-    crops = to_dict(cfg.crops)
-    rows = crops.pop("resolutions")
-    if not rows:
-        rows, probabilities = [(cfg.crops.global_size, cfg.crops.local_size, 1.0)], None
-    else:
-        probabilities = [p for _, _, p in rows]
-    augmentations, generators = [], []
-    for global_size, local_size, _ in rows:
-        for name, size in (("global", global_size), ("local", local_size)):
-            if size % patch:
-                raise ValueError(
-                    f"{name} crop size {size} is not a multiple of the patch size {patch}: use "
-                    f"{size // patch * patch} or {(size // patch + 1) * patch} (crops.{name}_size / crops.resolutions)"
-                )
-        augmentations.append(MultiCropAugmentation(**{**crops, "global_size": global_size, "local_size": local_size}))
-        generators.append(BlockMaskGenerator.for_crop(global_size, patch))
-    return augmentations, (generators if cfg.loss.ibot_weight > 0 else None), probabilities
+def eval_backbone(model) -> torch.nn.Module:
+    """The backbone a method exports (and evaluation scores): its `backbone` export, else the first `backbone/*`."""
+    exports = model.exports()
+    if "backbone" in exports:
+        return exports["backbone"]
+    return next(module for name, module in exports.items() if name.startswith("backbone/"))
+
+
+def _to_device(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    return value
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -330,48 +310,31 @@ def _all_finite(accelerator: Accelerator, loss: torch.Tensor) -> bool:
     return bool(flag.item() == 1.0)
 
 
-def _zero_backbone_lr(optimizer) -> None:
-    for group in optimizer.param_groups:
-        if all(name.startswith("backbone.") for name in group.get("names", [])):
-            group["lr"] = 0.0
-
-
-def _clip_gradients(accelerator: Accelerator, model, max_norm: float) -> None:
-    """Clip each student submodule (backbone, heads) separately, as the official loop does."""
+def _clip_gradients(accelerator: Accelerator, parts: dict[str, torch.nn.Module], max_norm: float) -> None:
+    """Clip each trainable part (e.g. backbone, heads) separately, as the official DINOv2 loop does."""
     if not max_norm:
         return
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         return  # DeepSpeed clips inside its step (gradient_clipping in configs/accelerate/deepspeed_zero2.yaml)
     accelerator.unscale_gradients()
-    for module in model.student.values():
+    for module in parts.values():
         torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
 
 
-def _log_values(accelerator, out, values, step: int, images_per_s: float, counters: dict) -> dict:
-    names = ["loss", "dino_global_loss", "dino_local_loss", "ibot_loss", "koleo_loss", "teacher_entropy"]
-    stacked = torch.stack([getattr(out, n).detach().float().reshape(()) for n in names])
+def _output_scalars(accelerator: Accelerator, out) -> dict[str, float | int]:
+    """Every scalar field of the model's output, averaged over processes (integer fields stay integers)."""
+    names, values, integer = [], [], []
+    for name, value in out.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            names.append(name)
+            integer.append(not value.is_floating_point())
+            values.append(value.detach().float().reshape(()))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            names.append(name)
+            integer.append(isinstance(value, int))
+            values.append(torch.tensor(float(value)))
+    if not names:
+        return {}
+    stacked = torch.stack([v.to(accelerator.device) for v in values])
     stacked = accelerator.reduce(stacked, reduction="mean") if accelerator.num_processes > 1 else stacked
-    log = {"step": step}
-    log.update({n: float(v) for n, v in zip(names, stacked.tolist())})
-    log.update(
-        teacher_prototypes_used=int(out.teacher_prototypes_used),
-        lr=values.lr,
-        weight_decay=values.weight_decay,
-        momentum=values.momentum,
-        teacher_temp=values.teacher_temp,
-        images_per_s=images_per_s,
-        nonfinite_steps=counters["nonfinite_steps"],
-        skipped_images=counters["skipped_images"],
-    )
-    return log
-
-
-def _warn_collapse(log: dict, num_prototypes: int) -> None:
-    uniform = math.log(num_prototypes)
-    if log["teacher_prototypes_used"] <= 1:
-        logger.warning("teacher collapse: every image of the batch maps to one prototype (step %d)", log["step"])
-    elif log["teacher_entropy"] > 0.98 * uniform:
-        logger.warning(
-            "teacher collapse: targets are near-uniform (entropy %.2f of max %.2f) at step %d",
-            log["teacher_entropy"], uniform, log["step"],
-        )
+    return {n: (round(v) if i else v) for n, v, i in zip(names, stacked.tolist(), integer)}

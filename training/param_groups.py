@@ -4,6 +4,7 @@ no weight decay on biases / norms / LayerScale gammas, a flag for the heads' las
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 
 from torch import nn
 
@@ -21,18 +22,19 @@ def layer_id(name: str, num_layers: int) -> int:
 
 
 def param_groups(
-    student: nn.ModuleDict,
+    parts: Mapping[str, nn.Module],
     layerwise_decay: float = 1.0,
     patch_embed_lr_mult: float = 1.0,
     decay_tokens: bool = True,
 ) -> list[dict]:
-    """Fused groups with `lr_multiplier`, `wd_multiplier` and `is_last_layer` (applied each step by the loop).
+    """Fused groups with `lr_multiplier`, `wd_multiplier`, `is_last_layer` and `part` (applied each step by the loop).
 
-    As in the official code, multipliers are computed per student submodule: the backbone's parameters decay
-    with depth, the heads (no blocks) get multiplier 1.
+    `parts` are a method's trainable modules by name (`trainable_parts()`, e.g. DINOv2's student backbone and
+    heads). As in the official code, multipliers are computed per part: a part with `blocks` (a ViT) decays
+    with depth, the others (heads) get multiplier 1. Groups never mix parts, so a part can be frozen alone.
     """
     fused: dict[tuple, dict] = defaultdict(lambda: {"params": [], "names": []})
-    for module_name, module in student.items():
+    for module_name, module in parts.items():
         num_layers = len(module.blocks) if hasattr(module, "blocks") else 0
         for name, param in module.named_parameters():
             if not param.requires_grad:
@@ -44,15 +46,20 @@ def param_groups(
             if not decay_tokens and any(key in name for key in _TOKEN_NAMES):
                 no_decay = True
             is_last_layer = "last_layer" in name
-            key = (lr_mult, 0.0 if no_decay else 1.0, is_last_layer)
+            key = (module_name, lr_mult, 0.0 if no_decay else 1.0, is_last_layer)
             group = fused[key]
-            group.update(lr_multiplier=key[0], wd_multiplier=key[1], is_last_layer=key[2])
+            group.update(part=module_name, lr_multiplier=key[1], wd_multiplier=key[2], is_last_layer=key[3])
             group["params"].append(param)
             group["names"].append(f"{module_name}.{name}")
     return list(fused.values())
 
 
-def apply_schedule(optimizer, lr: float, last_layer_lr: float, weight_decay: float) -> None:
+def apply_schedule(
+    optimizer, lr: float, last_layer_lr: float, weight_decay: float, lr_scales: Mapping[str, float] | None = None
+) -> None:
+    """Set this step's lr and weight decay on every group; `lr_scales` multiplies the lr of whole parts."""
+    lr_scales = lr_scales or {}
     for group in optimizer.param_groups:
-        group["lr"] = (last_layer_lr if group["is_last_layer"] else lr) * group["lr_multiplier"]
+        scale = lr_scales.get(group["part"], 1.0)
+        group["lr"] = (last_layer_lr if group["is_last_layer"] else lr) * group["lr_multiplier"] * scale
         group["weight_decay"] = weight_decay * group["wd_multiplier"]

@@ -1,55 +1,88 @@
-"""What `train.py` runs: train (or resume), report kNN of the trained teacher vs a random-init backbone when an eval
-set is configured, export `pretraining/` + `backbone/`, and optionally push both to the Hub."""
+"""What `train.py` runs: train (or resume), export what the method exports (`backbone/`, `pretraining/`, ...),
+then — when an eval set is configured — report the kNN of the trained backbone next to a random-init one and write
+it into the backbone's model card, and optionally push to the Hub.
+
+The export comes before the end-of-run evaluation, so an evaluation that fails (logged, not fatal) never costs
+the trained model.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 
-from modeling import DinoVisionModel
-
 from .config import to_dict
-from .export import export_run, push_to_hub
-from .loop import knn_top1, load_eval_sets, train
+from .export import export_run, is_backbone_export, push_to_hub
+from .loop import eval_backbone, knn_top1, load_eval_sets, train
+from .methods import get_method
+from .model_card import update_model_card
 from .train_config import TrainConfig
+
+logger = logging.getLogger(__name__)
 
 
 def run(cfg: TrainConfig) -> dict:
+    if cfg.hub.push and not cfg.hub.model_id:  # fail now, not after hours of training
+        raise ValueError("hub.push=true needs hub.model_id=<user-or-org/name>")
     result = train(cfg)
     accelerator, model = result["accelerator"], result["model"]
     summary = {"step": result["step"], "last_log": result["last_log"]}
+    out = Path(cfg.output_dir)
 
-    eval_sets = load_eval_sets(cfg)
-    if eval_sets is not None:
-        trained = knn_top1(model.teacher_backbone, eval_sets, cfg, accelerator)
-        torch.manual_seed(cfg.train.seed)
-        random_init = DinoVisionModel(model.teacher_backbone.config).to(accelerator.device)
-        baseline = knn_top1(random_init, eval_sets, cfg, accelerator)
-        summary["knn"] = {"trained_teacher": trained, "random_init": baseline}
-        accelerator.print(
-            f"kNN (k=20) top-1 on {cfg.data.eval_dataset}/{cfg.data.eval_split}: trained teacher "
-            f"{trained['knn/top1']:.1f}%  vs  random-init backbone {baseline['knn/top1']:.1f}%  (seed {cfg.train.seed})"
-        )
-
+    paths = {}
     if accelerator.is_main_process:
-        out = Path(cfg.output_dir)
         run_info = {
             "config": to_dict(cfg),
             "step": result["step"],
             "last_log": result["last_log"],
             "global_batch": cfg.optim.batch_size * accelerator.num_processes * cfg.optim.grad_accum_steps,
             "model_name": cfg.hub.model_id or f"dinoforge-{cfg.config_name}",
-            "repo_id": cfg.hub.model_id or str(out / "backbone"),
+            "repo_id": cfg.hub.model_id,
+            "method_description": get_method(cfg.method).description,
         }
         paths = export_run(model, out, run_info)
+        accelerator.print("exported " + ", ".join(str(p) for p in paths.values()))
+    accelerator.wait_for_everyone()
+
+    knn = _end_of_run_knn(cfg, model, accelerator)
+    if knn is not None:
+        summary["knn"] = knn
+    if accelerator.is_main_process:
+        if knn is not None:
+            results = {"dataset": cfg.data.eval_dataset, "split": cfg.data.eval_split, "knn": knn["trained"],
+                       "random_init": knn["random_init"]}
+            for name, path in paths.items():
+                if is_backbone_export(name):
+                    update_model_card(path, results, model_name=cfg.hub.model_id or f"dinoforge-{cfg.config_name}")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        accelerator.print(f"exported {paths['pretraining']} and {paths['backbone']}")
         if cfg.hub.push:
-            if not cfg.hub.model_id:
-                raise ValueError("hub.push=true needs hub.model_id=<user-or-org/name>")
             accelerator.print(f"pushed to {push_to_hub(paths, cfg.hub.model_id, cfg.hub.private)}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def _end_of_run_knn(cfg: TrainConfig, model, accelerator) -> dict | None:
+    """kNN of the trained backbone and of a random-init one of the same architecture (the baseline to beat), or
+    None when no eval set is configured or the evaluation failed (logged: the run's outputs are already saved)."""
+    if not cfg.data.eval_dataset:
+        return None
+    try:
+        eval_sets = load_eval_sets(cfg)
+        backbone = eval_backbone(model)
+        trained = knn_top1(backbone, eval_sets, cfg, accelerator)
+        torch.manual_seed(cfg.train.seed)
+        random_init = type(backbone)(backbone.config).to(accelerator.device)
+        baseline = knn_top1(random_init, eval_sets, cfg, accelerator)
+    except Exception:
+        logger.exception("the end-of-run kNN evaluation on %s failed; the exported model is unaffected",
+                         cfg.data.eval_dataset)
+        return None
+    accelerator.print(
+        f"kNN (k=20) top-1 on {cfg.data.eval_dataset}/{cfg.data.eval_split}: trained backbone "
+        f"{trained['knn/top1']:.1f}%  vs  random-init backbone {baseline['knn/top1']:.1f}%  (seed {cfg.train.seed})"
+    )
+    return {"trained": trained, "random_init": baseline}

@@ -1,11 +1,12 @@
-"""Per-step schedules of the official recipe: lr, weight decay, teacher momentum, teacher temperature."""
+"""Per-step optimizer schedules of the official recipe (lr, weight decay, last-layer freeze) and the schedule
+shapes methods build their own values from (`cosine_schedule`, e.g. the teacher momentum and temperature)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-from .train_config import TrainConfig
+from .train_config import OptimConfig
 
 
 def cosine_schedule(step: int, total: int, base: float, final: float, warmup: int = 0, warmup_start: float = 0.0) -> float:
@@ -41,16 +42,13 @@ class StepValues:
     lr: float
     last_layer_lr: float
     weight_decay: float
-    momentum: float
-    teacher_temp: float
 
 
 class Schedules:
-    """All schedules of a run, evaluated at an optimizer step (counted in official "iterations")."""
+    """The optimizer schedules of a run, evaluated at an optimizer step (counted in official "iterations")."""
 
-    def __init__(self, cfg: TrainConfig, global_batch: int):
-        o, t = cfg.optim, cfg.teacher
-        epoch = o.iters_per_epoch
+    def __init__(self, optim: OptimConfig, global_batch: int):
+        o, epoch = optim, optim.iters_per_epoch
         self.total = o.epochs * epoch
         self.lr = scaled_lr(o.base_lr, global_batch)
         self.min_lr = o.min_lr
@@ -58,9 +56,6 @@ class Schedules:
         self.lr_schedule = o.lr_schedule
         self.freeze_last_layer = o.freeze_last_layer_epochs * epoch
         self.wd = (o.weight_decay, o.weight_decay_end)
-        self.momentum = (t.momentum, t.momentum_end)
-        self.temp, self.temp_warmup_start = t.temp, t.temp_warmup
-        self.temp_warmup = t.temp_warmup_epochs * epoch
 
     def at(self, step: int) -> StepValues:
         if self.lr_schedule == "rise_hold":
@@ -71,8 +66,4 @@ class Schedules:
             lr=lr,
             last_layer_lr=0.0 if step < self.freeze_last_layer else lr,
             weight_decay=cosine_schedule(step, self.total, *self.wd),
-            momentum=cosine_schedule(step, self.total, *self.momentum),
-            teacher_temp=cosine_schedule(
-                step, self.temp_warmup, self.temp, self.temp, self.temp_warmup, self.temp_warmup_start
-            ),
         )

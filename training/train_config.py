@@ -1,55 +1,15 @@
-"""Typed defaults of `train.py` (one dataclass per section). YAML recipes in `configs/` only override them.
+"""Typed defaults of the sections every method shares (`crops`, `optim`, `data`, `train`, `hub`) and the base
+`TrainConfig`. A method adds its own sections by subclassing `TrainConfig` (see `training/methods/`); YAML
+recipes in `configs/` only override the defaults, and the key `method` (default `dinov2`) picks the subclass.
 
-The defaults are the official DINOv2 default config (`ssl_default_config.yaml`) with a ViT-S/14 backbone; the
-`vitl14`/`vitg14` recipes switch to the L/g numbers (METHOD.md).
+The defaults are the official DINOv2 default config (`ssl_default_config.yaml`); the `vitl14`/`vitg14` recipes
+switch to the L/g numbers (METHOD.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
-
-
-@dataclass
-class ModelConfig:
-    preset: str = "vits14"  # vits14 | vitb14 | vitl14 | vitg14
-    num_register_tokens: int = 0
-    drop_path_rate: float | None = None  # None: the preset's (0.3 S/B, 0.4 L/g)
-    # Size overrides (None: the preset's) - the quickstart uses a tiny ViT.
-    hidden_size: int | None = None
-    num_hidden_layers: int | None = None
-    num_attention_heads: int | None = None
-    ffn: str | None = None  # mlp | swiglu
-    layerscale_init: float | None = None  # None: the official 1e-5
-    image_size: int | None = None  # position-embedding grid; None: crops.global_size
-    # Start from existing weights: a Hub id or folder of a stock transformers DINOv2, one of our exports,
-    # an official-format state dict file (.pth/.safetensors), or our `pretraining/` folder (keeps heads+centers).
-    init_from: str | None = None
-    head_warmup_steps: int = 0  # with init_from: train only the heads (backbone frozen) for this many steps
-    gradient_checkpointing: bool = False
-    compile: bool = False
-
-
-@dataclass
-class HeadsConfig:
-    num_prototypes: int = 65536
-    bottleneck_dim: int = 256
-    hidden_dim: int = 2048
-    nlayers: int = 3
-    separate_ibot_head: bool = False
-    ibot_num_prototypes: int | None = None  # None: num_prototypes
-    ibot_bottleneck_dim: int | None = None  # None: bottleneck_dim
-    ibot_hidden_dim: int | None = None  # None: hidden_dim
-
-
-@dataclass
-class LossConfig:
-    dino_weight: float = 1.0
-    ibot_weight: float = 1.0
-    koleo_weight: float = 0.1
-    centering: str = "softmax"  # softmax (official default config) | sinkhorn_knopp (L/g recipes)
-    student_temp: float = 0.1
-    center_momentum: float = 0.9
 
 
 @dataclass
@@ -64,12 +24,6 @@ class CropsConfig:
     # DINOv3 multi-resolution: each batch draws one [global_size, local_size, probability] row (all processes
     # alike); empty = the fixed global_size / local_size above. See configs/highres_multires.yaml.
     resolutions: list[tuple[int, int, float]] = field(default_factory=list)
-
-
-@dataclass
-class MaskingConfig:
-    ratio_min_max: tuple[float, float] = (0.1, 0.5)
-    sample_probability: float = 0.5
 
 
 @dataclass
@@ -93,15 +47,6 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     # The official code weight-decays cls/register/mask tokens and position embeddings; False excludes them.
     decay_tokens: bool = True
-
-
-@dataclass
-class TeacherConfig:
-    momentum: float = 0.992
-    momentum_end: float = 1.0
-    temp: float = 0.07
-    temp_warmup: float = 0.04
-    temp_warmup_epochs: int = 30
 
 
 @dataclass
@@ -141,13 +86,11 @@ class HubConfig:
 
 @dataclass
 class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    heads: HeadsConfig = field(default_factory=HeadsConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    """The shared sections. Methods subclass this with their own sections (`training.methods`)."""
+
+    method: str = "dinov2"  # which pretraining method (model family); see training/methods/
     crops: CropsConfig = field(default_factory=CropsConfig)
-    masking: MaskingConfig = field(default_factory=MaskingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: RunConfig = field(default_factory=RunConfig)
     hub: HubConfig = field(default_factory=HubConfig)

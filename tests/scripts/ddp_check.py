@@ -7,11 +7,10 @@ from pathlib import Path
 
 import torch
 
-from training.config import load_config
 from training.loop import train
-from training.train_config import TrainConfig
+from training.methods import load_train_config
 
-cfg = load_config(TrainConfig, sys.argv[1:])
+cfg = load_train_config(sys.argv[1:])
 result = train(cfg)
 accelerator, model = result["accelerator"], result["model"]
 teacher = torch.cat([p.detach().float().flatten() for p in model.teacher.parameters()])

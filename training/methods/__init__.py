@@ -1,0 +1,7 @@
+"""Pretraining methods the shared loop can train (`method:` in the config). Importing this package registers
+the built-in ones."""
+
+from . import dinov2
+from .registry import Method, available_methods, get_method, load_train_config, register_method
+
+__all__ = ["Method", "available_methods", "dinov2", "get_method", "load_train_config", "register_method"]

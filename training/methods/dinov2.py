@@ -1,0 +1,151 @@
+"""DINOv2 (`method: dinov2`, the default): the config sections it adds to the shared ones, the model builder and
+the teacher schedules. The model itself is `modeling.pretraining.DinoForPretraining`."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from modeling import DinoForPretraining, DinoPretrainingConfig, DinoVisionConfig
+
+from ..build import ModelConfig, backbone_config, folder_model_type, load_backbone
+from ..schedules import cosine_schedule
+from ..train_config import TrainConfig
+from .registry import Method, Schedule, register_method
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class HeadsConfig:
+    num_prototypes: int = 65536
+    bottleneck_dim: int = 256
+    hidden_dim: int = 2048
+    nlayers: int = 3
+    separate_ibot_head: bool = False
+    ibot_num_prototypes: int | None = None  # None: num_prototypes
+    ibot_bottleneck_dim: int | None = None  # None: bottleneck_dim
+    ibot_hidden_dim: int | None = None  # None: hidden_dim
+
+
+@dataclass
+class LossConfig:
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+    centering: str = "softmax"  # softmax (official default config) | sinkhorn_knopp (L/g recipes)
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+
+
+@dataclass
+class MaskingConfig:
+    ratio_min_max: tuple[float, float] = (0.1, 0.5)
+    sample_probability: float = 0.5
+
+
+@dataclass
+class TeacherConfig:
+    momentum: float = 0.992
+    momentum_end: float = 1.0
+    temp: float = 0.07
+    temp_warmup: float = 0.04
+    temp_warmup_epochs: int = 30
+
+
+@dataclass
+class DinoV2TrainConfig(TrainConfig):
+    """`train.py` config of the DINOv2 method: the shared sections + `model`, `heads`, `loss`, `masking`,
+    `teacher`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    heads: HeadsConfig = field(default_factory=HeadsConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+
+
+def pretraining_config(cfg: DinoV2TrainConfig, backbone: DinoVisionConfig) -> DinoPretrainingConfig:
+    h, loss = cfg.heads, cfg.loss
+    return DinoPretrainingConfig(
+        backbone_config=backbone,
+        num_prototypes=h.num_prototypes,
+        hidden_dim=h.hidden_dim,
+        bottleneck_dim=h.bottleneck_dim,
+        head_nlayers=h.nlayers,
+        separate_ibot_head=h.separate_ibot_head,
+        ibot_num_prototypes=h.ibot_num_prototypes,
+        ibot_hidden_dim=h.ibot_hidden_dim,
+        ibot_bottleneck_dim=h.ibot_bottleneck_dim,
+        dino_weight=loss.dino_weight,
+        ibot_weight=loss.ibot_weight,
+        koleo_weight=loss.koleo_weight,
+        centering=loss.centering,
+        student_temp=loss.student_temp,
+        center_momentum=loss.center_momentum,
+    )
+
+
+def build_pretraining_model(cfg: DinoV2TrainConfig) -> DinoForPretraining:
+    """Fresh model from the recipe, or `init_from`: our `pretraining/` folder continues with heads and centers;
+    any other backbone source initialises student and teacher backbones, with fresh heads."""
+    source = cfg.model.init_from
+    if not source:
+        model = DinoForPretraining(pretraining_config(cfg, backbone_config(cfg.model, cfg.crops.global_size)))
+    elif Path(source).is_dir() and folder_model_type(Path(source)) == "dinoforge_pretraining":
+        logger.info("continuing from %s (backbones, heads and loss centers)", source)
+        model = DinoForPretraining.from_pretrained(source)
+    else:
+        backbone = load_backbone(source, cfg.model.drop_path_rate)
+        model = DinoForPretraining(pretraining_config(cfg, backbone.config))
+        state = backbone.state_dict()
+        model.student["backbone"].load_state_dict(state)
+        model.teacher["backbone"].load_state_dict(state)
+        logger.info("initialised student and teacher backbones from %s (fresh heads)", source)
+    resample_position_embeddings(model, cfg.model.image_size)
+    if cfg.model.gradient_checkpointing:
+        model.student["backbone"].gradient_checkpointing_enable()
+    if cfg.model.compile:
+        for tower in (model.student, model.teacher):
+            tower["backbone"].compile()
+    return model
+
+
+def resample_position_embeddings(model: DinoForPretraining, image_size: int | None) -> None:
+    """High-res phase: resample both towers' position-embedding grids once to `image_size` (saved that way),
+    instead of interpolating at every step. Nothing to do when `image_size` is unset or already the grid."""
+    if image_size is None or image_size == model.student_backbone.config.image_size:
+        return
+    old = model.student_backbone.config.image_size
+    for tower in (model.student, model.teacher):
+        tower["backbone"].resize_position_embeddings(image_size)
+    model.config.backbone_config.image_size = image_size
+    logger.info("resampled position embeddings from %d px to %d px", old, image_size)
+
+
+def teacher_schedules(cfg: DinoV2TrainConfig) -> dict[str, Schedule]:
+    """EMA momentum (cosine to `momentum_end` over the run) and teacher temperature (linear warm-up, then
+    constant), as the official `CosineScheduler`s; `lr_scale/backbone` freezes the backbone for
+    `model.head_warmup_steps` steps."""
+    t, epoch = cfg.teacher, cfg.optim.iters_per_epoch
+    total, warmup = cfg.optim.epochs * epoch, t.temp_warmup_epochs * epoch
+    schedules: dict[str, Schedule] = {
+        "momentum": lambda step: cosine_schedule(step, total, t.momentum, t.momentum_end),
+        "teacher_temp": lambda step: cosine_schedule(step, warmup, t.temp, t.temp, warmup, t.temp_warmup),
+    }
+    if cfg.model.head_warmup_steps > 0:
+        frozen = cfg.model.head_warmup_steps
+        schedules["lr_scale/backbone"] = lambda step: 0.0 if step < frozen else 1.0
+    return schedules
+
+
+DINOV2 = register_method(
+    Method(
+        name="dinov2",
+        config_class=DinoV2TrainConfig,
+        build_model=build_pretraining_model,
+        schedules=teacher_schedules,
+        description="DINO + iBOT + KoLeo with an EMA teacher (DINOv2)",
+    )
+)

@@ -8,10 +8,14 @@ Steps (each cached under `output.dir/cache/` and resumable; counts in `stats.jso
 ingest (ingest.py) -> validate + hashes (validate.py) -> exact / pHash dedup (graph.py) -> copy-detection
 embeddings (embed.py) + Faiss kNN (index.py) + union-find components + keep rule (graph.py) -> eval-set
 decontamination -> retrieval embeddings -> k-means (cluster.py) -> selection (selection.py) -> outputs, dataset
-card and Hub folder (output.py); pipeline.py wires them.
+card and Hub folder (output.py), published atomically into `output.dir` (outdir.py); pipeline.py wires them.
 
 Decisions (recorded in the dataset card where they affect the data):
 - Row id = `<source>/<path in source>` (folders, webdataset keys) or `<source>/<row index:09d>`.
+- Every entry of a source is a row: one that cannot be read (broken or looping link, FIFO, device, folder named
+  like a file, unreadable, vanished, changed, a path-only row of an untrusted dataset) is removed with its reason;
+  `stats.json`: `entries_listed` = `num_rows` + `num_removed`. Symbolic links are followed, out of the folder too,
+  never round a loop; hidden entries are skipped and counted.
 - Keep rule in a duplicate component: largest width*height, then lowest id (string order).
 - pHash: 64-bit DCT hash of the normalised image, Hamming distance <= `dedup.phash_max_distance` (6),
   also against the mirrored image's hash so horizontal flips match; exact multi-index search.

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 # Bump when a step's output for the same inputs changes, so old caches are not reused.
-CODE_VERSION = "curation-1"
+CODE_VERSION = "curation-2"  # 2: ingest rows carry `error` (entries that could not be read)
 
 
 class CurationError(ValueError):

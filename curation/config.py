@@ -30,6 +30,9 @@ class SourceConfig:
     # Hub sources only: optional dataset config name and revision.
     config_name: str | None = None
     revision: str | None = None
+    # parquet / save_to_disk / Hub rows whose image is only a local path (no bytes) are read only when true: a
+    # dataset could name any file (keys, configs) and pull it into a curated, pushed set. URLs are never fetched.
+    allow_local_paths: bool = False
 
 
 @dataclass

@@ -31,12 +31,18 @@ def manifest_table(ids: list[str], step: str, reasons: list[str], duplicate_of: 
                     schema=MANIFEST_SCHEMA)
 
 
+def save_dataset(ds: datasets.Dataset, path: Path) -> None:
+    """`save_to_disk`, loadable also when empty (datasets writes 0 shards for 0 rows, which load_from_disk
+    cannot read back)."""
+    ds.save_to_disk(str(path), num_shards=1 if len(ds) == 0 else None)
+
+
 def write_manifest(parts: list[pa.Table], out_dir: Path) -> pa.Table:
     table = pa.concat_tables(parts) if parts else MANIFEST_SCHEMA.empty_table()
     pq.write_table(table, out_dir / "removed.parquet")
     target = out_dir / "removed"
     shutil.rmtree(target, ignore_errors=True)
-    datasets.Dataset(table).save_to_disk(str(target))
+    save_dataset(datasets.Dataset(table), target)
     return table
 
 

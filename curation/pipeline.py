@@ -10,6 +10,11 @@ Caching / resume: `datasets` maps get `new_fingerprint` values derived from the 
 (never from hashing a closure that holds a model); graph steps write their decisions to
 `cache/steps/<step>-<key>/` (atomic rename); embeddings go to chunked on-disk stores. A re-run after a kill
 reuses every finished piece and produces the same output.
+
+Outputs: written to a staging folder and published with one atomic rename (`curation.outdir`): a kill leaves the
+previous complete output or the new one in `output.dir`, never a mix. `stats.json` accounts for every entry:
+`entries_listed` (every entry of every source) = `num_rows` (kept) + `num_removed` (manifest rows), checked by
+`check_invariants` before anything is published.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -45,12 +49,14 @@ from .graph import (
 )
 from .index import build_index, rerank_store, search_blocks
 from .ingest import check_sources, ingest_all
+from .outdir import OutputDir
 from .output import (
     OUTPUT_COLUMNS,
     build_hub_folder,
     manifest_table,
     push_folder,
     render_card,
+    save_dataset,
     write_manifest,
 )
 from .selection import select_rows
@@ -138,6 +144,7 @@ class Pipeline:
         self.cfg = cfg
         self.dist = DistState()
         self.out = Path(cfg.output.dir)
+        self.outdir = OutputDir(self.out)
         self.cache = self.out / "cache"
         self.steps = StepCache(self.cache / "steps", self.dist)
         self.records: list[dict[str, Any]] = []
@@ -218,9 +225,9 @@ class Pipeline:
         cfg, dist = self.cfg, self.dist
         check_config(cfg)
         specs = resolve_specs(cfg)  # an offline Hub id fails here, before any work
+        self.outdir.check()  # every process: a folder that is not ours is refused before anything is written
         if dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out / "config.yaml")
+            self.outdir.claim()
         V = self.ingest_and_validate()  # 1-2
         alive = self.hash_dedup(np.arange(len(V)))  # 3
         alive, cd_rows, cd_store = self.copy_dedup(V, alive, specs["copy_detection"])  # 4
@@ -242,10 +249,13 @@ class Pipeline:
         """Ingest every source, validate, record rejects; load the per-row arrays the graph steps need."""
         cfg = self.cfg
         t0 = time.time()
+        infos: dict[str, dict[str, Any]] = {}
         with main_first(self.dist):
             raw = ingest_all(cfg.sources, self.cache, "sources",
-                             self.embedding_columns(["copy_detection", "decontaminate", "embed"]))
+                             self.embedding_columns(["copy_detection", "decontaminate", "embed"]), infos)
         assert raw is not None
+        self.extra["entries_listed"] = sum(i["entries_listed"] for i in infos.values())
+        self.extra["sources"] = infos
         self.record("ingest", len(raw), len(raw), time.time() - t0)
         t0 = time.time()
         V, invalid = self.validate_source(raw, "sources")
@@ -432,11 +442,11 @@ class Pipeline:
             sel = select_rows(mode, store, seeds_store, seed_ids, seed_sources, km, cfg.select, cfg.index,
                               len(alive))
             np.savez(folder / "selection.npz", rows=sel.rows, similarity=sel.similarity,
-                     retrieved_by=np.asarray([s or "" for s in sel.retrieved_by], dtype=object))
+                     retrieved_by=np.asarray([s or "" for s in sel.retrieved_by], dtype=np.str_))
             write_json(folder / "info.json", sel.info)
 
         folder = self.steps.run("select", key, compute)
-        data = np.load(folder / "selection.npz", allow_pickle=True)  # written by this run itself
+        data = np.load(folder / "selection.npz")
         rows = data["rows"]
         selection = {"rows": rows, "similarity": data["similarity"],
                      "retrieved_by": [s or None for s in data["retrieved_by"].tolist()],
@@ -470,30 +480,41 @@ class Pipeline:
         out_ds = out_ds.add_column("similarity", sims, feature=datasets.Value("float32"))
         columns = [c for c in OUTPUT_COLUMNS if cfg.output.keep_images or c != "image"]
         out_ds = out_ds.select_columns(columns)
-        if "image" in columns:
+        if "image" in columns and n:
             out_ds = out_ds.cast_column("image", datasets.Image())
+        elif "image" in columns:  # datasets cannot cast a table without chunks: build the empty one typed
+            features = out_ds.features.copy()
+            features["image"] = datasets.Image()
+            out_ds = datasets.Dataset.from_dict({c: [] for c in columns}, features=features)
         models = {k: (s.model.name if s.model else f"column:{s.column}") for k, s in specs.items() if s}
-        target = self.out / "dataset"
-        tmp = self.out / "dataset.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        out_ds.save_to_disk(str(tmp))
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
-        manifest = write_manifest(self.manifest, self.out)
+        # Every piece goes to a staging folder first; one rename publishes them together (curation.outdir).
+        stage = self.outdir.staging()
+        save_dataset(out_ds, stage / "dataset")
+        kill_point("commit:dataset")
+        manifest = write_manifest(self.manifest, stage)
+        kill_point("commit:manifest")
         self.record("output", n, n, time.time() - t0)
-        stats = {"num_rows": n, "num_removed": manifest.num_rows, "steps": self.records,
+        stats = {"num_rows": n, "num_removed": manifest.num_rows,
+                 "removed_reasons": _reason_counts(manifest.column("reason").to_pylist()), "steps": self.records,
                  "models": models, "step_cache": self.steps.log, "world_size": self.dist.world_size, **self.extra}
         check_invariants(stats)
+        write_json(stage / "stats.json", stats)
+        kill_point("commit:stats")
         card = render_card(cfg, stats, models)
-        (self.out / "README.md").write_text(card)
-        write_json(self.out / "stats.json", stats)
-        hub_dir = build_hub_folder(load_saved(target), card, self.out / "hub", cfg.output.max_shard_size,
-                                   [self.out / "removed.parquet", self.out / "stats.json"])
+        (stage / "README.md").write_text(card)
+        kill_point("commit:card")
+        save_config(cfg, stage / "config.yaml")
+        kill_point("commit:config")
+        build_hub_folder(load_saved(stage / "dataset"), card, stage / "hub", cfg.output.max_shard_size,
+                         [stage / "removed.parquet", stage / "stats.json"])
+        kill_point("commit:hub")
+        published = self.outdir.publish(stage)
+        kill_point("commit:done")
         if cfg.output.push:
             if not cfg.output.repo_id:
                 raise CurationError("output.push=true needs output.repo_id (e.g. my-org/my-curated-images)")
-            stats["pushed"] = push_folder(hub_dir, cfg.output.repo_id, cfg.output.private)
-        write_json(self.out / "stats.json", stats)
+            stats["pushed"] = push_folder(published / "hub", cfg.output.repo_id, cfg.output.private)
+            write_json(published / "stats.json", stats)  # one atomic file replace inside the published output
         return stats
 
 
@@ -516,8 +537,9 @@ def _side_info(raw: datasets.Dataset, valid: datasets.Dataset, invalid: datasets
 
 
 def check_invariants(stats: dict[str, Any]) -> None:
-    """rows_in = rows_kept + rows_removed for every step, each step starts where the previous ended, and
-    every input row is either in the output or in the manifest."""
+    """rows_in = rows_kept + rows_removed for every step, each step starts where the previous ended, every input
+    row is either in the output or in the manifest, and every listed entry of every source is one of those rows:
+    `entries_listed` = `num_rows` + `num_removed` (= the sum over `sources`; `removed_reasons` add up too)."""
     steps = stats["steps"]
     for s in steps:
         if s["rows_in"] != s["rows_kept"] + s["rows_removed"]:
@@ -528,6 +550,13 @@ def check_invariants(stats: dict[str, Any]) -> None:
                                f"{prev['rows_kept']}")
     if steps and steps[0]["rows_in"] != stats["num_rows"] + stats["num_removed"]:
         raise RuntimeError("input rows != output rows + removed rows")
+    if stats["entries_listed"] != stats["num_rows"] + stats["num_removed"]:
+        raise RuntimeError(f"entries listed ({stats['entries_listed']}) != kept ({stats['num_rows']}) + removed "
+                           f"({stats['num_removed']})")
+    if sum(s["entries_listed"] for s in stats["sources"].values()) != stats["entries_listed"]:
+        raise RuntimeError("entries listed per source do not add up to entries_listed")
+    if sum(stats["removed_reasons"].values()) != stats["num_removed"]:
+        raise RuntimeError("removal reasons do not add up to num_removed")
 
 
 def run_pipeline(cfg: CurateConfig) -> dict[str, Any]:

@@ -82,11 +82,15 @@ def _kept_bytes(data: bytes, decoded: DecodedImage, cfg: ValidateConfig) -> byte
 
 
 def validate_batch(batch: dict[str, list], cfg: ValidateConfig) -> dict[str, list]:
-    """Batched `datasets.map` function: adds width/height/mode/format/sha256/phash/phash_flip/_reason."""
+    """Batched `datasets.map` function: adds width/height/mode/format/sha256/phash/phash_flip/_reason.
+
+    A row whose `error` says ingest could not read the entry (broken link, FIFO, path_only, ...) is rejected with
+    that reason, undecoded."""
     out: dict[str, list] = {k: [] for k in ("image", "width", "height", "mode", "format", "sha256", "phash",
                                             "phash_flip", "_reason")}
-    for data in batch["image"]:
-        reason, info = check_image(data, cfg)
+    errors = batch.get("error") or [""] * len(batch["image"])
+    for data, error in zip(batch["image"], errors):
+        reason, info = (error, {}) if error else check_image(data, cfg)
         out["sha256"].append(hashlib.sha256(data or b"").hexdigest())
         out["_reason"].append(reason)
         out["image"].append(info.get("image", data if not reason else b""))

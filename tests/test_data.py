@@ -18,11 +18,13 @@ from torch.utils.data import DistributedSampler
 from training.augment import MultiCropAugmentation, derive_seed
 from training.data import (
     ImageDataset,
+    ImageDecodeError,
     MultiCropCollator,
     MultiCropDataset,
     MultiCropStream,
     ResumableSampler,
     SampleCollator,
+    SkippedSample,
     build_dataloader,
     build_loader,
     choose_resolution,
@@ -249,8 +251,12 @@ def test_decode_image_accepts_every_column_form(tmp_path):
         gray,
     ]
     for value in forms:
-        image = decode_image(value)
+        image = decode_image(value, allow_paths=True)  # a path named here, by the caller
         assert image.mode == "RGB" and image.size in {(40, 32), (5, 4)}
+    # A path nobody pointed at as a data source is not opened by default (a dataset row could name any file).
+    for value in forms[2:4]:
+        with pytest.raises(ImageDecodeError, match="path_only.*data.allow_local_paths=true"):
+            decode_image(value)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -324,11 +330,14 @@ def test_collate_is_crop_major_and_masks_the_global_crops():
 
 def test_collate_drops_and_counts_missing_samples():
     collator = MultiCropCollator(BlockMaskGenerator(4))
-    batch = collator([fake_sample(0), None, fake_sample(2), None])
+    batch = collator([fake_sample(0), SkippedSample("/d/x.jpg", "truncated"), fake_sample(2), None])
     assert batch["batch_size"] == 2 and batch["num_skipped"] == 2
+    assert batch["skipped"] == [("/d/x.jpg", "truncated"), ("?", "unknown")]  # for the loop's skip accounting
     assert batch["global_crops"][:, 0, 0, 0].tolist() == [0.0, 20.0, 1.0, 21.0]
-    empty = collator([None, None])
+    empty = collator([None, SkippedSample("row 7", "path_only")])
     assert empty["batch_size"] == 0 and empty["num_skipped"] == 2 and empty["global_crops"] is None
+    assert empty["skipped"] == [("?", "unknown"), ("row 7", "path_only")]
+    assert collator([fake_sample(0)])["skipped"] == []
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -364,7 +373,10 @@ def test_corrupt_images_are_skipped_and_counted(corrupt_dir, hf_cache, caplog):
 def test_corrupt_counts_reach_the_main_process_from_workers(corrupt_dir, hf_cache):
     ds = load_image_dataset(corrupt_dir, cache_dir=hf_cache)
     dl = build_dataloader(ds, augmentation(1), 2, num_workers=2, persistent_workers=False)
-    assert sum(b["num_skipped"] for b in dl) == 2
+    batches = list(dl)
+    assert sum(b["num_skipped"] for b in batches) == 2
+    skipped = sorted((Path(name).name, reason) for b in batches for name, reason in b["skipped"])
+    assert skipped == [("empty.jpg", "zero_byte"), ("truncated.jpg", "truncated")]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -577,6 +589,7 @@ def test_generic_loader_runs_a_two_view_image_text_pipeline(captioned):
     serial, parallel = loader_for(captioned), loader_for(captioned, num_workers=2, persistent_workers=False)
     batches = list(serial)
     assert [b["batch_size"] for b in batches] == [3, 2] and [b["num_skipped"] for b in batches] == [0, 1]
+    assert [b["skipped"] for b in batches] == [[], [("broken.jpg", "undecodable")]]
     order = list(serial.sampler)  # (epoch, index) keys: this run's permutation
     kept = [i for _, i in order if i != 3]
     assert [c for b in batches for c in b["caption"]] == [f"photo {i}" for i in kept]

@@ -18,7 +18,15 @@ from PIL import Image, ImageFile
 
 from curation.config import ValidateConfig
 from curation.validate import check_image
-from training.data import ImageDataset, ImageDecodeError, decode, decode_image, load_image_dataset
+from training.data import (
+    ImageDataset,
+    ImageDecodeError,
+    SkippedSample,
+    decode,
+    decode_image,
+    load_image_dataset,
+    trust_local_source,
+)
 
 W, H = 40, 30  # stored size of the corpus images (width, height)
 WHITE = (255, 255, 255)
@@ -127,7 +135,9 @@ def build_corpus(root: Path) -> dict[str, tuple[bytes, Callable[[np.ndarray], No
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("odd") / "corpus"
-    return root, build_corpus(root)
+    files = build_corpus(root)
+    trust_local_source(folder=root)  # as pointing at it as a data source does: its paths may be opened
+    return root, files
 
 
 def decoder_result(data: bytes) -> np.ndarray | str:
@@ -157,7 +167,7 @@ def test_errors_are_typed_name_the_file_and_survive_pickling(corpus, monkeypatch
     assert "re-download or remove" in str(err.value) and err.value.code.startswith("truncated: ")
     again = pickle.loads(pickle.dumps(err.value))  # crosses DataLoader / datasets.map worker processes
     assert (again.reason, again.detail, again.name) == (err.value.reason, err.value.detail, err.value.name)
-    with pytest.raises(ImageDecodeError, match="unreadable"):
+    with pytest.raises(ImageDecodeError, match="vanished"):  # a path that is not there (anymore)
         decode_image(root / "no_such_file.png")
     with pytest.raises(TypeError, match="image_column"):
         decode_image(42)
@@ -227,7 +237,7 @@ def training_path(folder: Path, names: list[str], cache_dir: str) -> dict[str, n
     out = {}
     for index, name in enumerate(paths):
         sample = wrapped[(0, index)]
-        out[name] = None if sample is None else sample["pixels"]
+        out[name] = None if isinstance(sample, SkippedSample) else sample["pixels"]
     assert wrapped.num_skipped == sum(v is None for v in out.values())
     return out
 

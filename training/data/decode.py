@@ -3,8 +3,17 @@
 Training, the probe and curation all decode through :func:`decode` / :func:`decode_image`, so a file gives the same
 pixels (or the same typed refusal) everywhere. The rules:
 
-* input: a PIL image, a ``{"bytes", "path"}`` dict (``datasets.Image(decode=False)``), raw bytes, a local path or
-  URL (``hf://``, ``https://``, anything ``datasets`` can open), or a NumPy array;
+* input: a PIL image, a ``{"bytes", "path"}`` dict (``datasets.Image(decode=False)``), raw bytes, a local path, or
+  a NumPy array;
+* a value that is only a path (no bytes) is opened only where ``allow_paths`` allows it (reason ``path_only``
+  otherwise): by default under the local image folders / files the user pointed at as a data source in this process
+  (see :mod:`training.data.files`), so a crafted dataset row cannot read arbitrary local files; ``allow_paths=True``
+  opens any local path (``data.allow_local_paths=true``). URLs (``http://``, ``hf://``, any ``scheme://``) are
+  not fetched, except the ``hf://datasets/<repo>`` files of a Hub dataset the user pointed at as the source (a
+  streamed Hub image folder holds those);
+* local files are read by :func:`training.data.files.read_file`: a broken symlink, a symlink loop, a folder, a
+  FIFO or device (never opened for reading, so never blocking), a file that vanished or changed is an error with
+  its own reason code;
 * decompression bombs are refused *before* decoding (``max_pixels``, default PIL's own error threshold; PIL's
   global limit still applies on top, so ``max_pixels`` can only lower it);
 * the file's structure is checked (``verify``: PNG checksums, ...) and then fully decoded; truncated data is an
@@ -32,6 +41,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from .files import FILE_REASONS, AllowPaths, FileFault, allows_path, is_url, read_file
+
 __all__ = [
     "BACKGROUND",
     "DECODE_REASONS",
@@ -41,6 +52,7 @@ __all__ = [
     "decode",
     "decode_image",
     "describe_image_value",
+    "fix_for",
     "normalize_image",
 ]
 
@@ -49,7 +61,8 @@ DEFAULT_MAX_PIXELS = 178_956_970
 # Transparent pixels become this colour (curation has always composited on white).
 BACKGROUND = (255, 255, 255)
 # Reason codes, shared with the curation manifest (`<reason>: <detail>`).
-DECODE_REASONS = ("zero_byte", "unreadable", "undecodable", "corrupt", "truncated", "too_many_pixels")
+DECODE_REASONS = ("zero_byte", "unreadable", "undecodable", "corrupt", "truncated", "too_many_pixels", "path_only",
+                  *(r for r in FILE_REASONS if r != "unreadable"))
 _FIXES = {
     "zero_byte": "the file is empty: re-download or remove it",
     "unreadable": "check that the file exists and is readable",
@@ -57,12 +70,28 @@ _FIXES = {
     "corrupt": "re-download or remove the file (curate.py's validate step filters such files out)",
     "truncated": "re-download or remove the file (curate.py's validate step filters such files out)",
     "too_many_pixels": "downscale the image, or raise max_pixels (curation: validate.max_pixels)",
+    "path_only": "a row that holds only a path is opened only inside a local folder you point at as the data source; "
+                 "if the dataset's paths are trusted, set data.allow_local_paths=true (curate.py: allow_local_paths: "
+                 "true on the source; Python: allow_paths=True). Other URLs than the source Hub dataset's own are not fetched: store the "
+                 "image bytes in the dataset (or download the files into a folder and point at it)",
+    "broken_symlink": "fix or remove the symbolic link",
+    "symlink_loop": "remove the symbolic link that loops",
+    "not_a_file": "rename the folder, or point at the files inside it",
+    "special_file": "remove it: FIFOs, sockets and devices are never read",
+    "vanished": "the file was removed while the run used it; run again on a stable copy",
+    "changed": "the file was modified while the run used it; run again on a stable copy",
 }
 # File signatures: an unparsable file that starts like an image is "corrupt", anything else "undecodable".
 _MAGIC = [(b"\x89PNG", "PNG"), (b"\xff\xd8", "JPEG"), (b"GIF8", "GIF"), (b"RIFF", "WebP"), (b"BM", "BMP"),
           (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF")]
 _ALPHA_MODES = ("RGBA", "LA", "La", "RGBa", "PA")
 _EXIF_ORIENTATION = 0x0112
+
+
+def fix_for(reason: str) -> str:
+    """What a user does about images skipped for ``reason`` (the text :class:`ImageDecodeError` messages end with);
+    e.g. for ``path_only``: set ``data.allow_local_paths=true`` if the paths are trusted."""
+    return _FIXES.get(reason, "remove the file")
 
 
 class ImageDecodeError(ValueError):
@@ -72,7 +101,7 @@ class ImageDecodeError(ValueError):
     def __init__(self, reason: str, detail: str, name: str | None = None) -> None:
         self.reason, self.detail, self.name = reason, detail, name
         what = f"image {name}" if name else "image"
-        super().__init__(f"cannot decode {what}: {reason}: {detail} — {_FIXES.get(reason, 'remove the file')}")
+        super().__init__(f"cannot decode {what}: {reason}: {detail} — {fix_for(reason)}")
 
     @property
     def code(self) -> str:
@@ -114,22 +143,36 @@ def describe_image_value(value: Any) -> str:
     return f"<{type(value).__name__}>"
 
 
-def _read(path: str, name: str) -> bytes:
+def _fetch(url: str) -> bytes:
+    """The bytes behind an `hf://` URL of a Hub dataset the user pointed at (with the user's Hub token)."""
+    from datasets.utils.file_utils import xopen
+
+    with xopen(url, "rb") as f:
+        return f.read()
+
+
+def _read(path: str, name: str, allow_paths: AllowPaths) -> bytes:
+    """The bytes of a local file (or an allowed URL) the value names, if ``allow_paths`` allows opening it."""
+    if is_url(path):
+        if not allows_path(path, allow_paths):
+            raise ImageDecodeError(
+                "path_only", f"the image is only the URL {path!r}, outside the Hub datasets this run was pointed at; "
+                "URLs are not fetched", name)
+        try:
+            return _fetch(path)
+        except OSError as err:
+            raise ImageDecodeError("unreadable", f"{type(err).__name__}: {err}", name) from err
+    if not allows_path(path, allow_paths):
+        raise ImageDecodeError(
+            "path_only", "the image is only a local path, outside the folders the data source was read from", name
+        )
     try:
-        if os.path.isfile(path) or "://" not in path and "::" not in path:
-            with open(path, "rb") as f:
-                return f.read()
-        # Remote / archive paths (hf://, https://, zip://...::...) as `datasets.Image` opens them.
-        from datasets.download.download_config import DownloadConfig
-        from datasets.utils.file_utils import xopen
-
-        with xopen(path, "rb", download_config=DownloadConfig()) as f:
-            return f.read()
-    except Exception as err:  # missing file, permissions, network: the same fix for all
-        raise ImageDecodeError("unreadable", f"{type(err).__name__}: {err}", name) from err
+        return read_file(path)
+    except FileFault as err:
+        raise ImageDecodeError(err.reason, err.detail, name) from err
 
 
-def _raw(value: Any, name: str) -> bytes | Image.Image | np.ndarray:
+def _raw(value: Any, name: str, allow_paths: AllowPaths) -> bytes | Image.Image | np.ndarray:
     """The encoded bytes (or an in-memory image / array) behind a column value."""
     if value is None:
         raise ImageDecodeError("zero_byte", "no image data (None)", name)
@@ -141,10 +184,10 @@ def _raw(value: Any, name: str) -> bytes | Image.Image | np.ndarray:
         if value.get("bytes") is not None:
             return bytes(value["bytes"])
         if value.get("path"):
-            return _read(str(value["path"]), name)
+            return _read(str(value["path"]), name, allow_paths)
         raise ImageDecodeError("zero_byte", "neither bytes nor a path in the image value", name)
     if isinstance(value, (str, os.PathLike)):
-        return _read(os.fspath(value), name)
+        return _read(os.fspath(value), name, allow_paths)
     raise TypeError(
         f"cannot decode an image from a {type(value).__name__}; the image column must hold images, encoded bytes, "
         "{'bytes', 'path'} dicts, paths or arrays (check image_column / data.image_column)"
@@ -248,8 +291,15 @@ def _failure(err: Exception, data: bytes | None, name: str) -> ImageDecodeError:
     return ImageDecodeError("corrupt", f"{type(err).__name__}: {str(err)[:200]}", name)
 
 
-def decode(value: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> DecodedImage:
+def decode(
+    value: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, allow_paths: AllowPaths = None
+) -> DecodedImage:
     """Decode one image column value by the module's rules; see :class:`DecodedImage`.
+
+    ``allow_paths``: which local paths a value that is only a path may open — ``None`` (default): files under the
+    local image sources the user pointed at in this process; ``True``: any local path; ``False``: none; or a
+    :class:`training.data.files.PathPolicy` / list of folders. The only URLs ever fetched are the ``hf://`` files
+    of a Hub dataset the user pointed at as a source (``trust_hub_dataset``).
 
     Raises :class:`ImageDecodeError` for data that is not a usable image, ``TypeError`` for a value that cannot
     hold an image at all (a wrong column), and ``RuntimeError`` if ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` was
@@ -261,7 +311,7 @@ def decode(value: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Decode
             "files would decode as grey-filled images; set it back to False"
         )
     name = describe_image_value(value)
-    raw = _raw(value, name)
+    raw = _raw(value, name, allow_paths)
     data = raw if isinstance(raw, bytes) else None
     try:
         with warnings.catch_warnings():
@@ -291,11 +341,13 @@ def decode(value: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Decode
     return DecodedImage(normalized, fmt, mode, orientation, unchanged)
 
 
-def decode_image(value: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(
+    value: Any, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, allow_paths: AllowPaths = None
+) -> Image.Image:
     """Whatever an image column holds -> an upright 8-bit RGB PIL image (see the module docstring for the rules).
 
-    Accepts a PIL image, a ``{"bytes", "path"}`` dict, raw bytes, a path / URL or a NumPy array. Raises
-    :class:`ImageDecodeError` (with a ``reason`` code) for data that is not a usable image.
+    Accepts a PIL image, a ``{"bytes", "path"}`` dict, raw bytes, a local path or a NumPy array; ``allow_paths`` as
+    in :func:`decode`. Raises :class:`ImageDecodeError` (with a ``reason`` code) for data that is not a usable image.
     """
-    image = decode(value, max_pixels=max_pixels).image
+    image = decode(value, max_pixels=max_pixels, allow_paths=allow_paths).image
     return image if image.mode == "RGB" else image.convert("RGB")

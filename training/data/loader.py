@@ -7,8 +7,13 @@ transform does (multi-crop, two views, image + text, ...):
   decoder (:func:`training.data.decode.decode_image`) and return ``transform(image, seed=...)`` — a dict — plus
   ``"sample_seed"`` (and ``"resolution"`` with several transforms, one per resolution) and the extra ``columns``
   of the row passed through under their names (e.g. a caption column for an image + text pipeline);
-* an undecodable image gives ``None`` instead (logged in the worker that met it, counted in ``num_skipped``); the
-  collate drops it and reports the count — :class:`SampleCollator` does this for any batch-building function;
+* an undecodable image gives a :class:`SkippedSample` ``(name, reason)`` instead (logged in the worker that met it);
+  the collate drops it and reports it — :class:`SampleCollator` does this for any batch-building function: every
+  batch carries ``num_skipped`` and ``skipped``, the list of ``(image path or row id, reason code)`` dropped from it
+  (reason codes: :data:`training.data.decode.DECODE_REASONS`, e.g. ``truncated``, ``path_only``);
+* rows whose image is only a path are opened only where ``allow_paths`` allows (default: inside the local image
+  folders the user pointed at; ``True`` with ``data.allow_local_paths=true``), see :mod:`training.data.files`;
+  a map-style dataset in which *no* row can be read for that reason is refused at once, with the fix;
 * :func:`build_loader` ties dataset, transform(s) and collate into a sharded, resumable DataLoader.
 
 Reproducibility and exact resume. Every random choice is a function of the config seed and of *which* sample is
@@ -18,8 +23,15 @@ being processed, never of worker scheduling or of what ran before:
   ``(epoch, index)`` keys, so persistent workers know the epoch; on resume it skips consumed batches by index
   arithmetic, without loading them;
 * streaming: there is no stable index, so the seed is ``derive_seed(seed, epoch, key)`` with ``key`` a hash of the
-  image's bytes (or its path when only the path is stored). Resume uses the ``datasets`` IterableDataset
-  ``state_dict()`` / ``load_state_dict()`` (exposed on :class:`ImageStream`);
+  image's bytes (or its path when only the path is stored). With ``shuffle_buffer_size > 0`` (training:
+  ``data.shuffle_buffer``, default 1000) the stream is shuffled by ``datasets``: shard order and a buffer of
+  examples, both drawn from ``seed + epoch`` alone — so re-creating the stream for the same epoch gives the same
+  order (the training loop resumes a stream by reading the epoch again and dropping the consumed batches, which
+  is exact for that reason), and every epoch has another order. With DataLoader workers each worker shuffles the
+  shards it is given, so the batch order depends on ``num_workers`` (as it does without shuffling): the same
+  examples with the same crops, in another order — deterministic for a given ``num_workers``. The ``datasets``
+  ``state_dict()`` / ``load_state_dict()`` are exposed on :class:`ImageStream` too, but lose the examples
+  sitting in the shuffle buffer;
 * multi-resolution: batch ``b`` of epoch ``e`` uses transform :func:`choose_resolution` ``(probabilities, seed, e,
   b)`` — one draw per batch, the same on every process and on resume.
 """
@@ -29,7 +41,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import datasets
 import numpy as np
@@ -39,7 +51,8 @@ from torch.utils.data import DataLoader
 
 from training.augment import derive_seed
 
-from .decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from .decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, describe_image_value
+from .files import AllowPaths, PathPolicy, path_policy
 from .sampler import ResumableSampler, check_resolution_probabilities, choose_resolution
 
 __all__ = [
@@ -47,9 +60,11 @@ __all__ = [
     "ImageStream",
     "SampleCollator",
     "SampleTransform",
+    "SkippedSample",
     "build_loader",
     "drop_missing",
     "set_loader_epoch",
+    "skipped_entries",
 ]
 
 logger = logging.getLogger(__name__)
@@ -62,6 +77,51 @@ RESERVED_FIELDS = ("sample_seed", "resolution")
 # Log the first few skipped images one by one, then only every Nth, so a badly broken dataset cannot flood the log.
 _LOG_FIRST_SKIPS = 10
 _LOG_EVERY_SKIPS = 100
+
+
+class SkippedSample(NamedTuple):
+    """What a dataset wrapper returns for a row it cannot use: the image's path (or the row id) and the reason
+    code (one of :data:`training.data.decode.DECODE_REASONS`). Collate functions drop it and report it."""
+
+    name: str
+    reason: str
+
+
+def _path_only_message(rows: str, example: str | None) -> str:
+    shown = f", e.g. {example!r}" if example else ""
+    return (
+        f"{rows} hold(s) only a path or URL, no image bytes{shown}, and paths are opened only inside a local "
+        "folder you point at as the data source (reason path_only). If the dataset's paths are trusted, set "
+        "data.allow_local_paths=true (Python: allow_paths=True). URLs (other than the source Hub dataset's own files) are not fetched: store the "
+        "image bytes in the dataset, or download the files into a folder and point at it."
+    )
+
+
+def _unusable_paths(ds: datasets.Dataset, image_column: str, policy: PathPolicy) -> tuple[bool, str | None]:
+    """(True, an example) when no row of the image column holds bytes and none of its paths may be opened.
+
+    Reads the Arrow column (bytes: null counts only; paths: until the first allowed one), so it is cheap for
+    datasets with bytes and for image folders the user pointed at.
+    """
+    if policy.any_local or len(ds) == 0:
+        return False, None
+    feature = ds.features[image_column]
+    column = ds.data.column(image_column)
+    if isinstance(feature, datasets.Image):
+        if any(len(chunk) - chunk.field("bytes").null_count for chunk in column.chunks):
+            return False, None
+        chunks = [chunk.field("path") for chunk in column.chunks]
+    elif getattr(feature, "dtype", None) in ("string", "large_string"):
+        chunks = list(column.chunks)
+    else:
+        return False, None
+    example = None
+    for chunk in chunks:
+        for path in chunk.to_pylist():
+            if path and policy.allows(path):
+                return False, None
+            example = example or path
+    return example is not None, example
 
 
 def _transform_list(transform: SampleTransform | Sequence[SampleTransform]) -> list[SampleTransform]:
@@ -127,12 +187,15 @@ class _Pipeline:
         seed: int,
         columns: Columns,
         max_pixels: int | None,
+        allow_paths: AllowPaths = None,
     ) -> None:
         self.transforms = _transform_list(transform)
         self.image_column = image_column
         self.seed = seed
         self.columns = _column_map(columns, image_column)
         self.max_pixels = max_pixels
+        # Decided here, in the main process: workers started by spawn / forkserver share none of its memory.
+        self.allow_paths = path_policy(allow_paths)
         self._skips = _SkipLog()
 
     @property
@@ -140,13 +203,14 @@ class _Pipeline:
         """Undecodable images met *in this process* (worker counts arrive through the batches' ``num_skipped``)."""
         return self._skips.num_skipped
 
-    def _decode(self, row: Mapping[str, Any], what: str) -> Image.Image | None:
+    def _decode(self, row: Mapping[str, Any], what: str) -> Image.Image | SkippedSample:
         value = row[self.image_column]
         try:
-            return decode_image(value, max_pixels=self.max_pixels)
+            return decode_image(value, max_pixels=self.max_pixels, allow_paths=self.allow_paths)
         except ImageDecodeError as err:  # skip and count, never crash a long run on one bad file
             self._skips(what, err)
-            return None
+            name = describe_image_value(value)
+            return SkippedSample(what if name.startswith("<") else name, err.reason)
 
     def _sample(self, image: Image.Image, row: Mapping[str, Any], seed: int, resolution: int = 0) -> dict[str, Any]:
         out = self.transforms[resolution](image, seed=seed)
@@ -164,11 +228,14 @@ class _Pipeline:
 
 
 class ImageDataset(_Pipeline, torch.utils.data.Dataset):
-    """Map-style view of a ``datasets.Dataset``: ``ds[key]`` -> the transform's sample for that row, or ``None``.
+    """Map-style view of a ``datasets.Dataset``: ``ds[key]`` -> the transform's sample for that row, or a
+    :class:`SkippedSample`.
 
     ``transform(image, seed=...)`` gets the decoded RGB image; a list of transforms means one per resolution.
-    ``columns`` (names, or ``{column: field}``) are copied from the row into the sample. ``None`` means the image
-    could not be decoded (logged and counted in ``num_skipped`` of this process; the collate drops it).
+    ``columns`` (names, or ``{column: field}``) are copied from the row into the sample. A :class:`SkippedSample`
+    means the image could not be used (logged and counted in ``num_skipped`` of this process; the collate drops it
+    and lists it in the batch's ``skipped``). ``allow_paths``: see :func:`training.data.decode.decode`; a dataset
+    none of whose rows could be read under it (every image only a path, none allowed) raises ``ValueError`` here.
 
     Keys are ``index`` (uses the epoch given to :meth:`set_epoch`), ``(epoch, index)`` as yielded by
     :class:`ResumableSampler` — prefer it with persistent workers, whose dataset copies never see a ``set_epoch``
@@ -184,10 +251,14 @@ class ImageDataset(_Pipeline, torch.utils.data.Dataset):
         *,
         columns: Columns = (),
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        allow_paths: AllowPaths = None,
     ) -> None:
-        super().__init__(transform, image_column, seed, columns, max_pixels)
+        super().__init__(transform, image_column, seed, columns, max_pixels, allow_paths)
         _check_columns(hf_dataset.column_names, image_column, self.columns)
         self.dataset = _without_decoding(hf_dataset, image_column, self.columns)
+        unusable, example = _unusable_paths(self.dataset, image_column, self.allow_paths)
+        if unusable:  # training would only skip rows: say why, and what to set
+            raise ValueError(_path_only_message(f"Every row of the image column {image_column!r}", example))
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -196,12 +267,12 @@ class ImageDataset(_Pipeline, torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: int | tuple[int, ...]) -> dict[str, Any] | None:
+    def __getitem__(self, key: int | tuple[int, ...]) -> dict[str, Any] | SkippedSample:
         epoch, index, *resolution = key if isinstance(key, tuple) else (self.epoch, key)
         row = self.dataset[int(index)]
-        image = self._decode(row, f"#{index}")
-        if image is None:
-            return None
+        image = self._decode(row, f"row {index}")
+        if isinstance(image, SkippedSample):
+            return image
         return self._sample(image, row, derive_seed(self.seed, epoch, index), *resolution)
 
 
@@ -225,7 +296,13 @@ class ImageStream(_Pipeline, torch.utils.data.IterableDataset):
 
     The transform runs here, in ``__iter__`` (``IterableDataset`` has no ``with_transform``), i.e. in the DataLoader
     workers; ``datasets`` hands each worker its own subset of the stream's shards. Per-sample seeds are
-    ``derive_seed(seed, epoch, content key)``; undecodable images yield ``None``.
+    ``derive_seed(seed, epoch, content key)``; undecodable images yield a :class:`SkippedSample`. If every row a
+    worker reads in an epoch is only a path it may not open, it raises ``ValueError`` at the end of its pass, with
+    the fix (``data.allow_local_paths``).
+
+    Shuffling (``shuffle_buffer_size > 0``): ``datasets``' shard + buffer shuffle, a function of ``seed`` and the
+    epoch only (see the module docstring: same order when re-created for the same epoch, so replaying an epoch to
+    resume is exact).
 
     Resume: :meth:`state_dict` / :meth:`load_state_dict` are the ``datasets`` ones. They record the position in
     each shard, so a resumed stream continues with the next example — except that examples sitting in a shuffle
@@ -255,9 +332,13 @@ class ImageStream(_Pipeline, torch.utils.data.IterableDataset):
         batch_size: int = 1,
         columns: Columns = (),
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        allow_paths: AllowPaths = None,
     ) -> None:
-        super().__init__(transform, image_column, seed, columns, max_pixels)
+        super().__init__(transform, image_column, seed, columns, max_pixels, allow_paths)
         _check_columns(hf_dataset.column_names, image_column, self.columns)
+        if shuffle_buffer_size < 0:
+            raise ValueError(f"shuffle_buffer_size must be >= 0 (0: stream order), got {shuffle_buffer_size} "
+                             "(config: data.shuffle_buffer)")
         stream = _without_decoding(hf_dataset, image_column, self.columns)
         if shuffle_buffer_size > 0:  # reshuffles shard order and a buffer of examples each epoch (seed + epoch)
             stream = stream.shuffle(seed=seed, buffer_size=shuffle_buffer_size)
@@ -278,14 +359,17 @@ class ImageStream(_Pipeline, torch.utils.data.IterableDataset):
     def load_state_dict(self, state_dict: dict) -> None:
         self.dataset.load_state_dict(state_dict)
 
-    def __iter__(self) -> Iterator[dict[str, Any] | None]:
+    def __iter__(self) -> Iterator[dict[str, Any] | SkippedSample]:
         epoch = self.dataset.epoch
         worker = torch.utils.data.get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        seen = path_only = 0
         for position, row in enumerate(self.dataset):
-            image = self._decode(row, "in stream")
-            if image is None:
-                yield None
+            image = self._decode(row, f"stream row {position} of worker {worker_id}")
+            seen += 1
+            if isinstance(image, SkippedSample):
+                path_only += image.reason == "path_only"
+                yield image
                 continue
             resolution = 0
             if self.resolution_probabilities is not None:
@@ -293,33 +377,46 @@ class ImageStream(_Pipeline, torch.utils.data.IterableDataset):
                 resolution = choose_resolution(self.resolution_probabilities, self.seed, epoch, batch_index)
             seed = derive_seed(self.seed, epoch, content_key(row[self.image_column]))
             yield self._sample(image, row, seed, resolution)
+        if seen and path_only == seen:
+            raise ValueError(_path_only_message(f"All {seen} rows of the stream read by worker {worker_id}", None))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Collate
 
 
-def drop_missing(samples: Sequence[dict[str, Any] | None]) -> tuple[list[dict[str, Any]], int]:
-    """(samples kept, number of ``None`` samples dropped): the first step of every collate function."""
-    kept = [s for s in samples if s is not None]
+Sample = dict[str, Any] | SkippedSample | None
+
+
+def drop_missing(samples: Sequence[Sample]) -> tuple[list[dict[str, Any]], int]:
+    """(samples kept, number dropped: :class:`SkippedSample` or ``None``): the first step of every collate."""
+    kept = [s for s in samples if s is not None and not isinstance(s, SkippedSample)]
     return kept, len(samples) - len(kept)
+
+
+def skipped_entries(samples: Sequence[Sample]) -> list[tuple[str, str]]:
+    """``(image path or row id, reason code)`` of every dropped sample (``None`` from a dataset of one's own:
+    ``("?", "unknown")``): the batch entry ``skipped``."""
+    return [(s.name, s.reason) if isinstance(s, SkippedSample) else ("?", "unknown")
+            for s in samples if s is None or isinstance(s, SkippedSample)]
 
 
 class SampleCollator:
     """Turn a function of the kept samples into a collate function that drops and counts undecodable ones.
 
-    The batch is ``collate_kept(kept)`` plus ``batch_size`` (images kept) and ``num_skipped`` (``None`` samples
-    dropped). When every sample was dropped, ``collate_kept`` is not called and the batch holds only the two
-    counts. Picklable as long as ``collate_kept`` is (a module-level function or class instance).
+    The batch is ``collate_kept(kept)`` plus ``batch_size`` (images kept), ``num_skipped`` (samples dropped) and
+    ``skipped`` (their ``(image path or row id, reason code)``). When every sample was dropped, ``collate_kept`` is
+    not called and the batch holds only these bookkeeping entries. Picklable as long as ``collate_kept`` is (a
+    module-level function or class instance).
     """
 
     def __init__(self, collate_kept: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> None:
         self.collate_kept = collate_kept
 
-    def __call__(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+    def __call__(self, samples: Sequence[Sample]) -> dict[str, Any]:
         kept, num_skipped = drop_missing(samples)
         batch = dict(self.collate_kept(kept)) if kept else {}
-        batch.update(batch_size=len(kept), num_skipped=num_skipped)
+        batch.update(batch_size=len(kept), num_skipped=num_skipped, skipped=skipped_entries(samples))
         return batch
 
 
@@ -345,13 +442,16 @@ def build_loader(
     shuffle_buffer_size: int = 0,
     resolution_probabilities: Sequence[float] | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    allow_paths: AllowPaths = None,
 ) -> DataLoader:
     """A DataLoader for any pipeline: per-process batches of ``batch_size`` rows, transform + collate in the workers.
 
     ``transform(image, seed=...)`` returns a sample dict (a list: one transform per resolution, drawn per batch with
-    ``resolution_probabilities``); ``collate_fn`` gets the list of samples, ``None`` for undecodable images, and
-    must drop and count those (wrap a function of the kept samples in :class:`SampleCollator`). ``columns`` are
-    copied from each row into its sample.
+    ``resolution_probabilities``); ``collate_fn`` gets the list of samples, a :class:`SkippedSample` for each
+    unusable image, and must drop and report those (wrap a function of the kept samples in
+    :class:`SampleCollator`). ``columns`` are copied from each row into its sample. ``allow_paths``: which local
+    paths rows that hold only a path may open (see :func:`training.data.decode.decode`; ``True`` for
+    ``data.allow_local_paths=true``). ``shuffle_buffer_size``: streams only (see the module docstring).
 
     Map-style datasets get a :class:`ResumableSampler` for ``rank`` of ``num_replicas`` (``loader.sampler``);
     streams are wrapped in an :class:`ImageStream` (``loader.dataset``) and must already be sharded per process
@@ -389,9 +489,11 @@ def build_loader(
         stream = ImageStream(
             dataset, transforms, image_column, seed, shuffle_buffer_size,
             resolution_probabilities=probabilities, batch_size=batch_size, columns=columns, max_pixels=max_pixels,
+            allow_paths=allow_paths,
         )
         return DataLoader(stream, **options)
-    wrapped = ImageDataset(dataset, transforms, image_column, seed, columns=columns, max_pixels=max_pixels)
+    wrapped = ImageDataset(dataset, transforms, image_column, seed, columns=columns, max_pixels=max_pixels,
+                           allow_paths=allow_paths)
     sampler = ResumableSampler(
         len(wrapped), batch_size=batch_size, num_replicas=num_replicas, rank=rank, seed=seed,
         resolution_probabilities=probabilities,

@@ -2,7 +2,7 @@
 :class:`MultiCropCollator` as the collate, on the generic loader (:mod:`training.data.loader`).
 
 * a sample is ``{"global_crops": [...], "local_crops": [...], "sample_seed": int}`` (plus ``"resolution"`` with one
-  augmentation per resolution), or ``None`` for an undecodable image;
+  augmentation per resolution), or a ``SkippedSample`` ``(name, reason)`` for an unusable image;
 * :class:`MultiCropCollator` stacks the crops crop-major and draws the iBOT masks for the global crops from a
   ``random.Random`` seeded by the seeds of the samples in the batch (identical on resume);
 * :func:`build_dataloader` is the convenience that builds the whole training DataLoader.
@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 from training.augment import derive_seed
 from training.masking import BlockMaskGenerator, sample_batch_masks
 
-from .loader import ImageDataset, ImageStream, build_loader, drop_missing
+from .files import AllowPaths
+from .loader import ImageDataset, ImageStream, Sample, build_loader, drop_missing, skipped_entries
 
 __all__ = ["MultiCropCollator", "MultiCropDataset", "MultiCropStream", "build_dataloader", "collate_multicrop"]
 
@@ -52,7 +53,9 @@ class MultiCropCollator:
     * ``masks`` bool ``[2·B, num_patches]`` for the global crops, drawn over all 2·B global crops at once as in the
       official collate (``None`` when ``mask_generator`` is ``None``). Multi-resolution: pass one generator per
       resolution (a list); samples say which one applies in ``"resolution"``;
-    * ``batch_size`` (B, images kept) and ``num_skipped`` (``None`` samples dropped: undecodable images).
+    * ``batch_size`` (B, images kept), ``num_skipped`` (samples dropped: unusable images) and ``skipped`` (their
+      ``(image path or row id, reason code)``, e.g. ``("/data/x.jpg", "truncated")``);
+    * multi-resolution only: ``log`` = ``{"global_size": H}``, so the loop logs which size each step drew.
 
     When every sample of a batch was dropped, the tensors are ``None`` and ``batch_size`` is 0: the loop must not
     step on it (and, with several processes, must agree on that with the others).
@@ -68,7 +71,7 @@ class MultiCropCollator:
         self.mask_ratio_min_max = (float(mask_ratio_min_max[0]), float(mask_ratio_min_max[1]))
         self.mask_sample_probability = mask_sample_probability
 
-    def __call__(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+    def __call__(self, samples: Sequence[Sample]) -> dict[str, Any]:
         kept, num_skipped = drop_missing(samples)
         batch: dict[str, Any] = {
             "global_crops": None,
@@ -76,6 +79,7 @@ class MultiCropCollator:
             "masks": None,
             "batch_size": len(kept),
             "num_skipped": num_skipped,
+            "skipped": skipped_entries(samples),
         }
         if not kept:
             return batch
@@ -85,6 +89,8 @@ class MultiCropCollator:
         batch["global_crops"] = torch.stack([s["global_crops"][c] for c in range(n_global) for s in kept])
         if n_local:
             batch["local_crops"] = torch.stack([s["local_crops"][c] for c in range(n_local) for s in kept])
+        if "resolution" in kept[0]:
+            batch["log"] = {"global_size": int(batch["global_crops"].shape[-1])}
         if self.mask_generator is not None:
             generator = self.mask_generator
             if isinstance(generator, (list, tuple)):
@@ -102,7 +108,7 @@ class MultiCropCollator:
 
 
 def collate_multicrop(
-    samples: Sequence[dict[str, Any] | None],
+    samples: Sequence[Sample],
     mask_generator: BlockMaskGenerator | Sequence[BlockMaskGenerator] | None = None,
     mask_ratio_min_max: Sequence[float] = (0.1, 0.5),
     mask_sample_probability: float = 0.5,
@@ -129,11 +135,13 @@ def build_dataloader(
     prefetch_factor: int | None = None,
     shuffle_buffer_size: int = 0,
     resolution_probabilities: Sequence[float] | None = None,
+    allow_paths: AllowPaths = None,
 ) -> DataLoader:
     """The multi-crop training DataLoader: per-process batches of ``batch_size`` images, crops + masks in the workers.
 
     :func:`training.data.loader.build_loader` with the augmentation(s) as transform and a
-    :class:`MultiCropCollator` as collate; see there for sharding, streams, epochs, workers and resume.
+    :class:`MultiCropCollator` as collate; see there for sharding, streams (``shuffle_buffer_size``), epochs,
+    workers, resume and ``allow_paths`` (which local paths rows holding only a path may open).
 
     Multi-resolution (DINOv3 high-res adaptation): pass one augmentation and one mask generator per resolution
     (lists) and ``resolution_probabilities``; each batch draws one resolution (see ``choose_resolution``).
@@ -156,4 +164,5 @@ def build_dataloader(
         prefetch_factor=prefetch_factor,
         shuffle_buffer_size=shuffle_buffer_size,
         resolution_probabilities=resolution_probabilities,
+        allow_paths=allow_paths,
     )

@@ -4,7 +4,10 @@ A source is a Hub id, a local image folder, a ``save_to_disk`` folder (``Dataset
 webdataset ``.tar`` / arrow file, a folder of those, a glob, or ``"sample"`` (the bundled sample set). Two steps:
 
 * :func:`resolve_source` says what a source is without loading anything (:class:`Source`), and for local files
-  lists them (:class:`LocalFiles`: every non-hidden file, so curation can ingest every entry, not just images);
+  lists them (:class:`LocalFiles`: every non-hidden entry, so curation can account for every one, not just images:
+  regular files, and the entries that are not — broken or looping symbolic links, folders named like files, FIFOs,
+  devices, unreadable ones — with a reason code, see :mod:`training.data.files`). Symbolic links are followed,
+  also out of the folder (the user pointed at the folder, links included), but never round a loop;
 * :func:`open_source` loads one split of it as a ``datasets.Dataset`` / ``IterableDataset``.
 
 :func:`load_image_dataset` (training and the probe) does both and checks the image column.
@@ -20,6 +23,10 @@ come only from
 
 otherwise the whole folder is the one split asked for. Class sub-folders still give a ``label`` ClassLabel column
 exactly as imagefolder infers it (the files of every split are passed, so all splits share the label names).
+
+Entries that cannot be files (broken links, FIFOs, ...) are not handed to ``datasets`` (which would stop on them);
+opening such a folder logs a warning with their count and reasons. Resolving a local image source registers it as
+trusted (:func:`training.data.files.trust_local_source`): its rows hold only paths, and those paths may be opened.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import glob
 import logging
 import os
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +43,8 @@ from typing import Any, Literal
 
 import datasets
 from datasets.distributed import split_dataset_by_node
+
+from .files import Fault, os_fault, trust_hub_dataset, trust_local_source, walk
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -75,17 +85,15 @@ _SOURCES_HELP = (
 # split_dataset_by_node can hand whole shards to each process and DataLoader workers).
 _STREAM_SHARDS = 64
 _SHOW_FILES = 5  # ignored files named in a log line
+_SHOW_FAULTS = 20  # unreadable entries named in a log line
 
 SourceKind = Literal["hub", "saved", "images", "shards"]
 
 
 def list_files(root: Path) -> list[Path]:
-    """Every non-hidden file under ``root`` (recursive; hidden files and folders skipped), sorted by path string."""
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        files.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
-    return sorted(files, key=str)
+    """Every non-hidden regular file under ``root`` (recursive; symbolic links followed, loops not), sorted by path
+    string. :func:`training.data.files.walk` also returns the entries that are not files."""
+    return walk(root).files
 
 
 def _is_image(path: Path) -> bool:
@@ -103,14 +111,19 @@ def _show(paths: Sequence[Path], root: Path) -> str:
 
 @dataclass(frozen=True)
 class LocalFiles:
-    """The files behind a local source: a folder (every non-hidden file under it), a glob's matches, or one file.
+    """The entries behind a local source: a folder (every non-hidden entry under it), a glob's matches, or one file.
 
-    ``root`` is the folder the files are relative to (the glob's fixed prefix, a file's parent).
+    ``root`` is the folder the files are relative to (the glob's fixed prefix, a file's parent). ``files`` are
+    regular files (symbolic links to them included), ``stats`` their (size, mtime in ns) as listed; ``faults`` the
+    entries that are not readable files, with their reason; ``hidden`` the hidden entries skipped (not walked).
     """
 
     root: Path
     files: tuple[Path, ...]
     is_folder: bool = True
+    stats: tuple[tuple[int, int], ...] = ()
+    faults: tuple[Fault, ...] = ()
+    hidden: tuple[Path, ...] = ()
 
     @property
     def image_files(self) -> list[Path]:
@@ -174,8 +187,8 @@ def _glob_root(pattern: str) -> Path:
     return Path(*fixed) if fixed else Path(".")
 
 
-def _files_source(name: str, files: list[Path], local: LocalFiles) -> Source:
-    """A glob's matches or one file: all images, or shards of one kind."""
+def _files_source(name: str, files: list[Path], local: LocalFiles, pattern: str | None = None) -> Source:
+    """A glob's matches (``pattern``) or one file: all images, or shards of one kind."""
     suffixes = {f.suffix.lower() for f in files}
     builders = {_shard_builder(f) or ("imagefolder" if _is_image(f) else None) for f in files}
     if None in builders or len(builders) != 1:
@@ -184,13 +197,23 @@ def _files_source(name: str, files: list[Path], local: LocalFiles) -> Source:
             f"{sorted(SHARD_BUILDERS)} or image files. {_SOURCES_HELP}"
         )
     builder = builders.pop()
+    if builder == "imagefolder" and pattern:  # what the glob matches, not the rest of the folder
+        trust_local_source(pattern=pattern)
+    elif builder == "imagefolder":
+        trust_local_source(files=files)
     return Source(name, "images" if builder == "imagefolder" else "shards", local.root, builder, local)
 
 
+_FILE_SUFFIXES = IMAGE_SUFFIXES | SHARD_BUILDERS.keys()
+
+
 def _folder_source(name: str, path: Path) -> Source:
-    local = LocalFiles(path, tuple(list_files(path)))
+    listing = walk(path, _FILE_SUFFIXES)
+    local = LocalFiles(path, tuple(listing.files), True, tuple(listing.stats), tuple(listing.faults),
+                       tuple(listing.hidden))
     shards = local.shard_files
     if not shards:
+        trust_local_source(folder=path)
         return Source(name, "images", path, "imagefolder", local)
     kinds = sorted({_shard_builder(f) for f in shards})
     if len(kinds) > 1:
@@ -199,6 +222,35 @@ def _folder_source(name: str, path: Path) -> Source:
             f"a glob such as '{path}/**/*.parquet'). {_SOURCES_HELP}"
         )
     return Source(name, "shards", path, kinds[0], local)
+
+
+def _glob_source(name: str, pattern: str) -> Source:
+    """A glob's regular files; matches that are not files (broken links, FIFOs, folders named like files) are
+    kept as faults, so they are reported rather than silently dropped."""
+    root = _glob_root(pattern).absolute()
+    files: list[tuple[Path, tuple[int, int]]] = []
+    faults: list[Fault] = []
+    for match in sorted(glob.glob(pattern, recursive=True)):
+        path = Path(match).absolute()
+        try:
+            st = os.stat(path)
+        except OSError as err:  # broken link, loop, permission: with its reason
+            fault = os_fault(path, err)
+            faults.append(Fault(path, fault.reason, fault.detail))
+            continue
+        if stat.S_ISREG(st.st_mode):
+            files.append((path, (st.st_size, st.st_mtime_ns)))
+        elif not stat.S_ISDIR(st.st_mode):
+            faults.append(Fault(path, "special_file", "not a regular file; never opened"))
+        elif path.suffix.lower() in _FILE_SUFFIXES:
+            faults.append(Fault(path, "not_a_file", "a folder named like a file"))
+    files.sort(key=lambda item: str(item[0]))
+    if not files:
+        found = f" (only entries that are not files: {_show([f.path for f in faults], root)})" if faults else ""
+        raise ValueError(f"Dataset {name!r}: the pattern matches no files{found}. {_SOURCES_HELP}")
+    local = LocalFiles(root, tuple(f for f, _ in files), False,
+                       tuple(s for _, s in files), tuple(faults))
+    return _files_source(name, list(local.files), local, pattern)
 
 
 def resolve_source(dataset: str | os.PathLike) -> Source:
@@ -213,6 +265,10 @@ def resolve_source(dataset: str | os.PathLike) -> Source:
         from training.sample_data import build_sample_dataset
 
         return _folder_source(name, build_sample_dataset().absolute())
+    if name == "objects":  # the content-labelled set (shapes on photos), see training.objects_data
+        from training.objects_data import build_objects_dataset
+
+        return _folder_source(name, build_objects_dataset().absolute())
     path = Path(name).expanduser()
     if path.is_dir():
         path = path.absolute()
@@ -221,13 +277,18 @@ def resolve_source(dataset: str | os.PathLike) -> Source:
         return _folder_source(name, path)
     if path.is_file():
         path = path.absolute()
-        return _files_source(name, [path], LocalFiles(path.parent, (path,), is_folder=False))
+        st = path.stat()
+        return _files_source(name, [path], LocalFiles(path.parent, (path,), False, ((st.st_size, st.st_mtime_ns),)))
+    if os.path.lexists(path) and not glob.has_magic(str(path)):  # a broken link, a FIFO, ...: say which
+        try:
+            os.stat(path)
+            fault = None
+        except OSError as err:
+            fault = os_fault(path, err)
+        what = f"{fault.reason}: {fault.detail}" if fault else "special_file: not a regular file or folder"
+        raise ValueError(f"Dataset {name!r}: cannot be read ({what}). {_SOURCES_HELP}")
     if glob.has_magic(str(path)):
-        files = sorted((Path(f).absolute() for f in glob.glob(str(path), recursive=True) if os.path.isfile(f)),
-                       key=str)
-        if not files:
-            raise ValueError(f"Dataset {name!r}: the pattern matches no files. {_SOURCES_HELP}")
-        return _files_source(name, files, LocalFiles(_glob_root(str(path)).absolute(), tuple(files), False))
+        return _glob_source(name, str(path))
     if _looks_local(name):
         raise ValueError(f"Dataset {name!r}: no such file or directory. {_SOURCES_HELP}")
     return Source(name, "hub")
@@ -326,6 +387,7 @@ def _open_files(source: Source, split: str, streaming: bool, /, **kwargs: Any):
         raise _unknown_split(source.name, split, list(groups))
     read = set(files)
     others = [f for f in local.files if f not in read and f.name not in METADATA_FILENAMES]
+    _report_faults(source.name, local)
     logger.info(
         "Dataset %r: %s%s", source.name, ", ".join(f"{len(v)} {what} in {k!r}" for k, v in sorted(groups.items())),
         f" ({len(others)} other files not read: {_show(others, local.root)})" if others else "",
@@ -335,8 +397,35 @@ def _open_files(source: Source, split: str, streaming: bool, /, **kwargs: Any):
         groups = _metadata_for(local, groups)
     else:
         groups = {base: groups[base]}
-    data_files = {k: [_as_data_file(f) for f in v] for k, v in groups.items()}
-    return _load_dataset(source.name, source.builder, split, streaming, data_files=data_files, **kwargs)
+    try:
+        data_files = {k: [_as_data_file(f) for f in v] for k, v in groups.items()}
+        return _load_dataset(source.name, source.builder, split, streaming, data_files=data_files, **kwargs)
+    except ValueError as err:
+        # A file removed between our listing and `datasets` resolving the list stops datasets: drop what is gone
+        # (said in the log, as a vanished entry) and open the rest, once.
+        gone = [f for v in groups.values() for f in v if not os.path.isfile(f)]
+        if not isinstance(err.__cause__, FileNotFoundError) or not gone:
+            raise
+        logger.warning("Dataset %r: %d files vanished after the folder was listed and are not read (vanished): %s",
+                       source.name, len(gone), _show(gone, local.root))
+        data_files = {k: [_as_data_file(f) for f in v if f not in set(gone)] for k, v in groups.items()}
+        return _load_dataset(source.name, source.builder, split, streaming, data_files=data_files, **kwargs)
+
+
+def _report_faults(name: str, local: LocalFiles) -> None:
+    """Entries that cannot be read as files are never handed to ``datasets``: say so, with their reasons."""
+    if local.faults:
+        reasons: dict[str, int] = {}
+        for fault in local.faults:
+            reasons[fault.reason] = reasons.get(fault.reason, 0) + 1
+        logger.warning(
+            "Dataset %r: %d entries are not readable files and are not read (%s): %s", name, len(local.faults),
+            ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())),
+            "; ".join(f"{_show([f.path], local.root)} ({f.reason})" for f in local.faults[:_SHOW_FAULTS])
+            + ("; ..." if len(local.faults) > _SHOW_FAULTS else ""),
+        )
+    if local.hidden:
+        logger.info("Dataset %r: %d hidden entries skipped: %s", name, len(local.hidden), _show(local.hidden, local.root))
 
 
 def _load_dataset(name: str, path: str, split: str, streaming: bool, /, **kwargs: Any):
@@ -370,6 +459,9 @@ def _open_saved(source: Source, split: str, streaming: bool):
 
 
 def _open_hub(source: Source, split: str, streaming: bool, /, **kwargs: Any):
+    # Rows of a Hub image folder are paths into the Hub cache (or `hf://` URLs when streamed): they are this repo's
+    # own files, which the user pointed at.
+    trust_hub_dataset(source.name)
     try:
         return _load_dataset(source.name, source.name, split, streaming, **kwargs)
     except ValueError:

@@ -25,14 +25,17 @@ def main(argv: list[str]) -> None:
 
     from training.config import ConfigError
     from training.methods import load_train_config
-    from training.run import run
+    from training.run import USER_ERRORS, run
 
     has_config = any(a == "--config" or a.startswith("--config=") for a in argv)
     try:
         cfg = load_train_config(argv, config_file=None if has_config else QUICKSTART)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    run(cfg)
+    try:
+        run(cfg)
+    except USER_ERRORS as e:  # the message names the problem and the fix; a traceback would only bury it
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

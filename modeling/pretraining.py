@@ -166,6 +166,13 @@ class DinoForPretraining(DinoVisionPreTrainedModel, PretrainingMethod):
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs) -> DinoForPretraining:
+        # transformers 5 recreates parameters while loading, which drops requires_grad=False: freeze again
+        model = super().from_pretrained(*args, **kwargs)
+        model.teacher.requires_grad_(False)
+        return model
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, WeightNormLinear):

@@ -133,6 +133,7 @@ def _rows(output_dir: Path) -> dict[int, dict]:
     rows = {}
     for line in (output_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
+        assert row["step"] not in rows, f"step {row['step']} logged twice"
         rows[row["step"]] = row
     return rows
 

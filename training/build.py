@@ -6,32 +6,39 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from modeling import DinoVisionConfig, DinoVisionModel
 
+from .config import check
+
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class ModelConfig:
-    preset: str = "vits14"  # vits14 | vitb14 | vitl14 | vitg14
-    num_register_tokens: int = 0
-    drop_path_rate: float | None = None  # None: the preset's (0.3 S/B, 0.4 L/g)
+    preset: str = field(default="vits14", metadata=check(choices=("vits14", "vitb14", "vitl14", "vitg14")))
+    num_register_tokens: int = field(default=0, metadata=check(ge=0))
+    # None: the preset's (0.3 S/B, 0.4 L/g)
+    drop_path_rate: float | None = field(default=None, metadata=check(ge=0, lt=1))
     # Size overrides (None: the preset's) - the quickstart uses a tiny ViT.
-    hidden_size: int | None = None
-    num_hidden_layers: int | None = None
-    num_attention_heads: int | None = None
-    ffn: str | None = None  # mlp | swiglu
-    layerscale_init: float | None = None  # None: the official 1e-5
-    image_size: int | None = None  # position-embedding grid; None: crops.global_size
+    hidden_size: int | None = field(default=None, metadata=check(ge=1))
+    num_hidden_layers: int | None = field(default=None, metadata=check(ge=1))
+    num_attention_heads: int | None = field(default=None, metadata=check(ge=1))
+    ffn: str | None = field(default=None, metadata=check(choices=("mlp", "swiglu")))
+    layerscale_init: float | None = field(default=None, metadata=check(gt=0))  # None: the official 1e-5
+    # None: the preset's 14 (e.g. 8 for 64 px images: 8x8 patches)
+    patch_size: int | None = field(default=None, metadata=check(ge=1))
+    # position-embedding grid; None: crops.global_size
+    image_size: int | None = field(default=None, metadata=check(ge=1))
     # Start from existing weights: a Hub id or folder of a stock transformers DINOv2, one of our exports,
     # an official-format state dict file (.pth/.safetensors), or our `pretraining/` folder (keeps heads+centers).
     init_from: str | None = None
-    head_warmup_steps: int = 0  # with init_from: train only the heads (backbone frozen) for this many steps
+    # with init_from: train only the heads (backbone frozen) for this many steps
+    head_warmup_steps: int = field(default=0, metadata=check(ge=0))
     gradient_checkpointing: bool = False
     compile: bool = False
 
@@ -48,6 +55,7 @@ def backbone_config(model: ModelConfig, global_size: int) -> DinoVisionConfig:
             ffn=m.ffn,
             drop_path_rate=m.drop_path_rate,
             layerscale_init=m.layerscale_init,
+            patch_size=m.patch_size,
         ).items()
         if v is not None
     }

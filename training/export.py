@@ -5,6 +5,7 @@ from a live model or from any checkpoint directory."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from modeling import DinoVisionModel
 from modeling.convert import export_backbone
 
 from .model_card import render_model_card
+
+logger = logging.getLogger(__name__)
 
 
 def is_backbone_export(name: str) -> bool:
@@ -58,8 +61,14 @@ def load_checkpoint_model(checkpoint: str | Path) -> nn.Module:
 def save_backbone(backbone: nn.Module, folder: Path) -> Path:
     """A stock-loadable backbone folder: our ViT becomes a stock transformers DINOv2 (+ the released models' image
     processor); any other `PreTrainedModel` is saved as it is."""
+    from transformers import ResNetModel
+
+    from modeling.two_view import save_resnet_backbone
+
     if isinstance(backbone, DinoVisionModel):
         return export_backbone(backbone, folder)
+    if isinstance(backbone, ResNetModel):
+        return save_resnet_backbone(backbone, folder)  # + the image processor of microsoft/resnet-50
     backbone.save_pretrained(folder)
     return folder
 
@@ -120,13 +129,90 @@ def build_hub_folder(paths: dict[str, Path], dest: str | Path) -> Path:
     return dest
 
 
-def push_to_hub(paths: dict[str, Path], repo_id: str, private: bool = False, staging_dir: str | Path | None = None) -> str:
-    """Create the repo if needed and upload `build_hub_folder(paths)` in one commit."""
+class HubPushError(RuntimeError):
+    """`hub.push` cannot (or must not) upload: no usable token, the Hub unreachable, or a visibility conflict."""
+
+
+_LOGIN_HELP = (
+    "log in with `hf auth login` (`huggingface-cli login` with older huggingface_hub) or set HF_TOKEN to a token "
+    "with write access (https://huggingface.co/settings/tokens), or set hub.push=false"
+)
+
+
+def check_hub_push(repo_id: str, private: bool, update_visibility: bool = False) -> None:
+    """Fail before training, not after it, when the end-of-run push could not happen: no token, offline, a token
+    the Hub rejects, or a private run aimed at an existing public repo (see `push_to_hub`)."""
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    token = get_token()
+    if not token:
+        raise HubPushError(f"hub.push=true but no Hugging Face token was found: {_LOGIN_HELP}.")
+    api = HfApi(token=token)
+    try:
+        user = api.whoami()
+        _visibility_change(api, repo_id, private, update_visibility)
+    except OfflineModeIsEnabled:
+        raise HubPushError(
+            f"hub.push=true but the Hub is switched off (HF_HUB_OFFLINE=1): unset HF_HUB_OFFLINE to push "
+            f"{repo_id}, or set hub.push=false and upload later with `hf upload`."
+        ) from None
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status in (401, 403):
+            raise HubPushError(f"hub.push=true but the Hub rejects the token ({status}): {_LOGIN_HELP}.") from None
+        raise HubPushError(f"hub.push=true but checking {repo_id} on the Hub failed: {e}") from None
+    except HubPushError:
+        raise
+    except Exception as e:  # connection errors come from the HTTP client, whatever it is
+        raise HubPushError(
+            f"hub.push=true but the Hub could not be reached to check the token ({type(e).__name__}: {e}); check "
+            "the network (HF_ENDPOINT), or set hub.push=false"
+        ) from None
+    logger.info("hub.push: will push to %s as %s", repo_id, user.get("name", "?"))
+
+
+def _visibility_change(api, repo_id: str, private: bool, update_visibility: bool) -> bool | None:
+    """The visibility to set on an existing repo before uploading (True: private, False: public), None to leave it.
+
+    A private run is never uploaded into a public repo unless `update_visibility` makes the repo private first; a
+    public run pushed into a private repo leaves it private (nothing leaks) unless `update_visibility` is set."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        is_private = bool(api.repo_info(repo_id).private)
+    except RepositoryNotFoundError:
+        return None  # created with the asked visibility
+    if is_private == private:
+        return None
+    if update_visibility:
+        return private
+    if private:
+        raise HubPushError(
+            f"hub.private=true but the Hub repo {repo_id} exists and is public: refusing to push a private run into "
+            "it. Choose another hub.model_id, make the repo private on the Hub, or set hub.update_visibility=true "
+            "to make it private before the upload."
+        )
+    logger.warning("hub.private=false but %s exists and is private: it stays private (hub.update_visibility=true "
+                   "makes it public)", repo_id)
+    return None
+
+
+def push_to_hub(paths: dict[str, Path], repo_id: str, private: bool = False, staging_dir: str | Path | None = None,
+                update_visibility: bool = False) -> str:
+    """Create the repo if needed and upload `build_hub_folder(paths)` in one commit.
+
+    An existing repo keeps its visibility unless `update_visibility`; a private run into an existing public repo
+    is refused (`HubPushError`) before anything is uploaded."""
     from huggingface_hub import HfApi
 
+    api = HfApi()
+    change = _visibility_change(api, repo_id, private, update_visibility)
     staging = Path(staging_dir) if staging_dir else Path(next(iter(paths.values()))).parent / "hub"
     folder = build_hub_folder(paths, staging)
-    api = HfApi()
     api.create_repo(repo_id, private=private, exist_ok=True)
+    if change is not None:
+        api.update_repo_settings(repo_id, private=change)
+        logger.info("made %s %s", repo_id, "private" if change else "public")
     api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=f"dinoforge: {', '.join(sorted(paths))}")
     return f"https://huggingface.co/{repo_id}"

@@ -5,27 +5,40 @@ pipeline, trainable parts, per-step schedule values, post-step hook, step state,
 One optimizer step = `grad_accum_steps` micro-batches (accumulated by hand with `no_sync`, so the count survives a
 resume exactly); state a model updates in its forward (e.g. loss centers) changes per micro-batch, as with a
 smaller batch.
+
+Every process takes part in the same collectives at the same batch: one all-reduce agrees on each batch's image
+counts (`data_guard.agree_on_batch`), so processes step, skip, end an epoch and stop on broken data together.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
-from .checkpoint import load_trainer_state, resolve_resume, save_checkpoint
-from .config import save_config, to_dict
+from .checkpoint import (
+    agree_on_resume,
+    check_shared_output_dir,
+    load_trainer_state,
+    save_checkpoint,
+    truncate_metrics,
+)
+from .config import save_config, to_dict, validate
 from .cpu_memory import keep_freed_memory
 from .data import load_image_dataset, set_loader_epoch
+from .data_guard import BadDataError, DataGuard, agree_on_batch, format_reasons, gather_reasons
 from .methods import get_method
+from .optimizers import build_optimizer
 from .param_groups import apply_schedule, param_groups
 from .pipelines import BOOKKEEPING_KEYS, build_pipeline
 from .schedules import Schedules
@@ -47,8 +60,11 @@ def _trackers(report_to: str) -> list[str] | None:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) a pretraining run. Returns the step reached, the last logged metrics, the accelerator and
-    the unwrapped model; the caller ends the run with `accelerator.end_training()`."""
+    """Run (or resume) a pretraining run. Returns the step reached, the last logged metrics, the accelerator, the
+    unwrapped model, `resumed_from` (the checkpoint's step, or None) and `data` (images seen and skipped); the
+    caller ends the run with `accelerator.end_training()`. Raises `BadDataError` on data too broken to train on
+    and `NonFiniteLossError` on a run of non-finite losses (both after a checkpoint, once a step was made)."""
+    validate(cfg)  # configs built in Python skip load_config's checks
     output_dir = Path(cfg.output_dir)
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
@@ -68,16 +84,19 @@ def train(cfg: TrainConfig) -> dict:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Several processes: all resume from the checkpoint the main process picks, in one shared output_dir, or
+    # all stop here with the reason (before anything is built).
+    checkpoint = agree_on_resume(accelerator, cfg.train.resume, output_dir)
+    check_shared_output_dir(accelerator, output_dir)
     accelerator.init_trackers(cfg.config_name, config=_flat(to_dict(cfg)))
 
     # ---- model, optimizer
     method = get_method(cfg.method)
-    model = method.build_model(cfg)
+    model = method.build_model(cfg).train()  # (from_pretrained, e.g. init_from, returns eval mode)
     groups = param_groups(model.trainable_parts(), cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult,
                           cfg.optim.decay_tokens)
-    # Fused AdamW (one kernel for all parameters) where parameters are plain tensors; FSDP/DeepSpeed keep the default.
     plain = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
-    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.optim.betas), fused=True if plain else None)
+    optimizer = build_optimizer(groups, cfg.optim, fused=plain)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 
@@ -99,29 +118,41 @@ def train(cfg: TrainConfig) -> dict:
     # ---- resume
     step, epoch, batches_in_epoch = 0, 0, 0
     counters = {"nonfinite_steps": 0, "nonfinite_in_a_row": 0, "skipped_images": 0}
-    checkpoint = resolve_resume(cfg.train.resume, output_dir)
+    guard = DataGuard(cfg.data.dataset, cfg.data.max_skipped_fraction, cfg.data.skip_window,
+                      cfg.optim.batch_size * accelerator.num_processes)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         state = load_trainer_state(checkpoint)
         step, epoch, batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
         counters.update(state["counters"])
+        guard.load_state_dict(state.get("data_guard", {}))
         if not streaming:
             loader.sampler.load_state_dict(state["sampler"])
         # Streams: the `datasets` state_dict lives in the DataLoader workers, out of reach of the main process, so
-        # the consumed batches of the epoch are read again and dropped below (exact, costs their loading time).
+        # each process reads the consumed batches of the epoch from its own shard again and drops them below
+        # (exact, costs their loading time; every process consumed the same number, as they move in lockstep).
         accelerator.print(f"resumed from {checkpoint} at step {step}")
+    start_step = step
+    if accelerator.is_main_process:  # the rows of later steps are logged again: each step appears once
+        truncate_metrics(output_dir / "metrics.jsonl", step)
 
     def trainer_state() -> dict:
-        state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "counters": counters}
+        state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch, "counters": counters,
+                 "data_guard": guard.state_dict()}
         if not streaming:
             state["sampler"] = loader.sampler.state_dict(batches_in_epoch)
         return state
 
-    def checkpoint_now() -> None:
-        save_checkpoint(
+    def checkpoint_now() -> Path:
+        return save_checkpoint(
             accelerator, output_dir, step, trainer_state(), cfg.train.keep_last,
             extra_files={"config.json": unwrapped.config.to_json_string()},
         )
+
+    def stop_for_bad_data(problem: str) -> NoReturn:
+        reasons = gather_reasons(accelerator, guard.reasons)  # every process reached this verdict at this batch
+        saved = checkpoint_now() if step > 0 else None
+        raise BadDataError(guard.message(problem, reasons, str(saved) if saved else None))
 
     eval_sets = load_eval_sets(cfg) if cfg.train.eval_every > 0 else None  # loaded once; nothing when off
     metrics_file = output_dir / "metrics.jsonl"
@@ -133,17 +164,24 @@ def train(cfg: TrainConfig) -> dict:
     # ---- loop: epochs of data, optimizer steps of `accum` micro-batches
     while step < total_steps:
         set_loader_epoch(loader, epoch)
+        guard.start_epoch(from_start=batches_in_epoch == 0)
         micro = 0
         replay = batches_in_epoch if streaming else 0  # map-style: the sampler already starts after them
         batches_in_epoch -= replay
-        for batch in loader:
-            batches_in_epoch += 1
-            if replay:
+        for batch in itertools.chain(loader, [None]):  # None: this process's data ran out
+            if replay and batch is not None:
+                batches_in_epoch += 1
                 replay -= 1
                 continue
-            n_images = _agree_batch(accelerator, batch)
-            counters["skipped_images"] += _sum_across(accelerator, batch["num_skipped"])
-            if n_images == 0:  # every image of some process's batch was undecodable: nobody steps
+            counts = agree_on_batch(accelerator, batch)
+            if counts.exhausted:  # some process ran out: all end the epoch here together
+                break
+            batches_in_epoch += 1
+            counters["skipped_images"] += counts.skipped
+            problem = guard.observe(counts, batch.get("skipped"))
+            if problem:
+                stop_for_bad_data(problem)
+            if not counts.usable:  # every image of some process's batch was undecodable: nobody steps
                 continue
             values = schedules.at(step)
             method_values = {name: schedule(step) for name, schedule in method_schedules.items()}
@@ -178,7 +216,7 @@ def train(cfg: TrainConfig) -> dict:
                         "mixed_precision=bf16 instead of fp16, or check the data."
                     )
                 continue
-            images_since += n_images
+            images_since += counts.local_images
             micro += 1
             if micro < accum:
                 continue
@@ -224,17 +262,25 @@ def train(cfg: TrainConfig) -> dict:
                 checkpoint_now()
             if step >= total_steps:
                 break
-        else:  # the data ran out: next epoch
-            epoch += 1
-            batches_in_epoch = 0
-            continue
-        break
+        if step >= total_steps:
+            break
+        problem = guard.end_epoch()  # the data ran out: judge the epoch, then the next one
+        if problem:
+            stop_for_bad_data(problem)
+        epoch += 1
+        batches_in_epoch = 0
 
     progress.close()
     checkpoint_now()
+    data = guard.summary(gather_reasons(accelerator, guard.reasons))
+    if data["skipped_images"]:
+        logger.warning("%d of %d images of data.dataset=%r could not be decoded and were skipped; first: %s",
+                       data["skipped_images"], data["images_seen"], cfg.data.dataset,
+                       format_reasons(data["first_skipped"]))
     # No accelerator.end_training() here: it tears down the process group, and the caller still evaluates and
     # exports with it (training.run calls it last).
-    return {"step": step, "output_dir": str(output_dir), "last_log": last_log, "accelerator": accelerator, "model": unwrapped}
+    return {"step": step, "output_dir": str(output_dir), "last_log": last_log, "accelerator": accelerator,
+            "model": unwrapped, "resumed_from": start_step if checkpoint is not None else None, "data": data}
 
 
 # ---- evaluation --------------------------------------------------------------------------------------------------
@@ -291,16 +337,6 @@ def _sum_across(accelerator: Accelerator, value: int | float) -> float:
         return value
     t = torch.tensor([float(value)], device=accelerator.device)
     return float(accelerator.reduce(t, reduction="sum").item())
-
-
-def _agree_batch(accelerator: Accelerator, batch: dict) -> int:
-    """Images in this process's batch, or 0 if any process has an empty one (so all skip together)."""
-    n = batch["batch_size"]
-    if accelerator.num_processes == 1:
-        return n
-    t = torch.tensor([float(n > 0)], device=accelerator.device)
-    all_have = accelerator.reduce(t, reduction="sum").item() == accelerator.num_processes
-    return n if all_have else 0
 
 
 def _all_finite(accelerator: Accelerator, loss: torch.Tensor) -> bool:

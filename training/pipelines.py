@@ -2,13 +2,13 @@
 
 A pipeline turns a dataset (from `training.data.load_image_dataset`) into a sharded, resumable DataLoader whose
 batches the method's `forward` takes. Every batch is a dict of model inputs plus two bookkeeping entries the
-loop reads and removes: `batch_size` (images kept) and `num_skipped` (undecodable images dropped); an optional
-`log` entry holds scalars to log (e.g. the crop size drawn for this batch).
+loop reads and removes: `batch_size` (images kept) and `num_skipped` (undecodable images dropped); optional ones
+are `skipped` (what was dropped and why) and `log` (scalars to log, e.g. the crop size drawn for this batch).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from torch.utils.data import DataLoader
@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 from modeling.method import DataPipeline
 
 from .augment import MultiCropAugmentation
-from .config import to_dict
-from .data import MultiCropCollator, build_dataloader
+from .config import ConfigError, to_dict
+from .data import build_dataloader
 from .masking import BlockMaskGenerator
 from .train_config import TrainConfig
 
@@ -25,7 +25,7 @@ PipelineBuilder = Callable[..., DataLoader]
 _PIPELINES: dict[str, PipelineBuilder] = {}
 
 # Entries of a batch that are not model inputs.
-BOOKKEEPING_KEYS = ("batch_size", "num_skipped", "log")
+BOOKKEEPING_KEYS = ("batch_size", "num_skipped", "skipped", "log")
 
 
 def register_pipeline(name: str, builder: PipelineBuilder) -> None:
@@ -56,27 +56,13 @@ def crop_pipelines(
     for global_size, local_size, _ in rows:
         for name, size in (("global", global_size), ("local", local_size)):
             if size % patch:
-                raise ValueError(
+                raise ConfigError(
                     f"{name} crop size {size} is not a multiple of the patch size {patch}: use "
                     f"{size // patch * patch} or {(size // patch + 1) * patch} (crops.{name}_size / crops.resolutions)"
                 )
         augmentations.append(MultiCropAugmentation(**{**crops, "global_size": global_size, "local_size": local_size}))
         generators.append(BlockMaskGenerator.for_crop(global_size, patch))
     return augmentations, (generators if masks else None), probabilities
-
-
-class _LogCropSize:
-    """Collate wrapper (picklable, runs in the workers) that records the global crop size of each batch, so the
-    multi-resolution phase logs which size every step drew."""
-
-    def __init__(self, collate: MultiCropCollator) -> None:
-        self.collate = collate
-
-    def __call__(self, samples: Sequence[Any]) -> dict[str, Any]:
-        batch = self.collate(samples)
-        if batch["global_crops"] is not None:
-            batch["log"] = {"global_size": int(batch["global_crops"].shape[-1])}
-        return batch
 
 
 def _multicrop(options: dict[str, Any], cfg: TrainConfig, dataset: Any, *, rank: int, world_size: int) -> DataLoader:
@@ -100,10 +86,45 @@ def _multicrop(options: dict[str, Any], cfg: TrainConfig, dataset: Any, *, rank:
         num_replicas=world_size,
         rank=rank,
         num_workers=cfg.data.num_workers,
+        # Streams only: shard + buffer shuffle from (seed, epoch), so replaying an epoch on resume is exact.
+        shuffle_buffer_size=cfg.data.shuffle_buffer,
+        # Rows that are only paths: inside the local image folder pointed at (None), or anywhere if trusted.
+        allow_paths=True if cfg.data.allow_local_paths else None,
     )
-    if probabilities is not None:
-        loader.collate_fn = _LogCropSize(loader.collate_fn)
     return loader
 
 
 register_pipeline("multicrop", _multicrop)
+
+
+# ---- two views (MoCo v3, Barlow Twins, DenseCL) ---------------------------------------------------------------
+
+
+def _two_views(options: dict[str, Any], cfg: TrainConfig, dataset: Any, *, rank: int, world_size: int) -> DataLoader:
+    """Two augmented views per image: batches `{"view1", "view2"}` `[B, 3, S, S]` (`training/data/two_views.py`).
+
+    Geometry from the shared `crops` section — `global_size` is the view size S, `global_scale` the crop scale,
+    `horizontal_flip` — and the photometric settings from the method's `views` section. Option: `patch_size` (a
+    ViT's; S must be a multiple of it; None for a ConvNet)."""
+    from dataclasses import asdict
+
+    from .data.two_views import TwoViewAugmentation, ViewsConfig, build_two_view_loader
+
+    crops = cfg.crops
+    if crops.resolutions:
+        raise ValueError("crops.resolutions (multi-resolution) is a multi-crop setting; the two_views pipeline uses "
+                         "one view size, crops.global_size")
+    patch = options.get("patch_size")
+    if patch and crops.global_size % patch:
+        raise ValueError(f"crops.global_size={crops.global_size} (the view size) is not a multiple of the patch size "
+                         f"{patch}: use {crops.global_size // patch * patch} or {(crops.global_size // patch + 1) * patch}")
+    views = getattr(cfg, "views", None) or ViewsConfig()
+    augmentation = TwoViewAugmentation(crops.global_size, crops.global_scale, crops.horizontal_flip, **asdict(views))
+    return build_two_view_loader(
+        dataset, augmentation, cfg.optim.batch_size, image_column=cfg.data.image_column, seed=cfg.train.seed,
+        num_replicas=world_size, rank=rank, num_workers=cfg.data.num_workers,
+        shuffle_buffer_size=cfg.data.shuffle_buffer, allow_paths=True if cfg.data.allow_local_paths else None,
+    )
+
+
+register_pipeline("two_views", _two_views)

@@ -3,7 +3,8 @@ then — when an eval set is configured — report the kNN of the trained backbo
 it into the backbone's model card, and optionally push to the Hub.
 
 The export comes before the end-of-run evaluation, so an evaluation that fails (logged, not fatal) never costs
-the trained model.
+the trained model. What could stop the push at the end (no token, offline, a visibility conflict) is checked
+before training, by every process alike (so they all stop, or none does).
 """
 
 from __future__ import annotations
@@ -14,22 +15,29 @@ from pathlib import Path
 
 import torch
 
-from .config import to_dict
-from .export import export_run, is_backbone_export, push_to_hub
-from .loop import eval_backbone, knn_top1, load_eval_sets, train
+from .checkpoint import ResumeError
+from .config import ConfigError, atomic_write_text, to_dict
+from .data_guard import BadDataError
+from .export import HubPushError, check_hub_push, export_run, is_backbone_export, push_to_hub
+from .loop import NonFiniteLossError, eval_backbone, knn_top1, load_eval_sets, train
 from .methods import get_method
 from .model_card import update_model_card
 from .train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
+# Errors whose message says what went wrong and how to fix it: `train.py` prints them without a traceback.
+USER_ERRORS = (ConfigError, HubPushError, BadDataError, ResumeError, NonFiniteLossError)
+
 
 def run(cfg: TrainConfig) -> dict:
-    if cfg.hub.push and not cfg.hub.model_id:  # fail now, not after hours of training
-        raise ValueError("hub.push=true needs hub.model_id=<user-or-org/name>")
+    if cfg.hub.push:  # fail now, not after hours of training
+        if not cfg.hub.model_id:
+            raise ConfigError("hub.push=true needs hub.model_id=<user-or-org/name>")
+        check_hub_push(cfg.hub.model_id, cfg.hub.private, cfg.hub.update_visibility)
     result = train(cfg)
     accelerator, model = result["accelerator"], result["model"]
-    summary = {"step": result["step"], "last_log": result["last_log"]}
+    summary = {"step": result["step"], "last_log": result["last_log"], "data": result["data"]}
     out = Path(cfg.output_dir)
 
     paths = {}
@@ -57,9 +65,10 @@ def run(cfg: TrainConfig) -> dict:
             for name, path in paths.items():
                 if is_backbone_export(name):
                     update_model_card(path, results, model_name=cfg.hub.model_id or f"dinoforge-{cfg.config_name}")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
         if cfg.hub.push:
-            accelerator.print(f"pushed to {push_to_hub(paths, cfg.hub.model_id, cfg.hub.private)}")
+            url = push_to_hub(paths, cfg.hub.model_id, cfg.hub.private, update_visibility=cfg.hub.update_visibility)
+            accelerator.print(f"pushed to {url}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary

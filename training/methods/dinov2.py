@@ -10,6 +10,7 @@ from pathlib import Path
 from modeling import DinoForPretraining, DinoPretrainingConfig, DinoVisionConfig
 
 from ..build import ModelConfig, backbone_config, folder_model_type, load_backbone
+from ..config import check
 from ..schedules import cosine_schedule
 from ..train_config import TrainConfig
 from .registry import Method, Schedule, register_method
@@ -19,39 +20,40 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class HeadsConfig:
-    num_prototypes: int = 65536
-    bottleneck_dim: int = 256
-    hidden_dim: int = 2048
-    nlayers: int = 3
+    num_prototypes: int = field(default=65536, metadata=check(ge=1))
+    bottleneck_dim: int = field(default=256, metadata=check(ge=1))
+    hidden_dim: int = field(default=2048, metadata=check(ge=1))
+    nlayers: int = field(default=3, metadata=check(ge=1))
     separate_ibot_head: bool = False
-    ibot_num_prototypes: int | None = None  # None: num_prototypes
-    ibot_bottleneck_dim: int | None = None  # None: bottleneck_dim
-    ibot_hidden_dim: int | None = None  # None: hidden_dim
+    ibot_num_prototypes: int | None = field(default=None, metadata=check(ge=1))  # None: num_prototypes
+    ibot_bottleneck_dim: int | None = field(default=None, metadata=check(ge=1))  # None: bottleneck_dim
+    ibot_hidden_dim: int | None = field(default=None, metadata=check(ge=1))  # None: hidden_dim
 
 
 @dataclass
 class LossConfig:
-    dino_weight: float = 1.0
-    ibot_weight: float = 1.0
-    koleo_weight: float = 0.1
-    centering: str = "softmax"  # softmax (official default config) | sinkhorn_knopp (L/g recipes)
-    student_temp: float = 0.1
-    center_momentum: float = 0.9
+    dino_weight: float = field(default=1.0, metadata=check(ge=0))
+    ibot_weight: float = field(default=1.0, metadata=check(ge=0))
+    koleo_weight: float = field(default=0.1, metadata=check(ge=0))
+    # softmax (official default config) | sinkhorn_knopp (L/g recipes)
+    centering: str = field(default="softmax", metadata=check(choices=("softmax", "sinkhorn_knopp")))
+    student_temp: float = field(default=0.1, metadata=check(gt=0))
+    center_momentum: float = field(default=0.9, metadata=check(ge=0, le=1))
 
 
 @dataclass
 class MaskingConfig:
-    ratio_min_max: tuple[float, float] = (0.1, 0.5)
-    sample_probability: float = 0.5
+    ratio_min_max: tuple[float, float] = field(default=(0.1, 0.5), metadata=check(ge=0, le=1, ordered=True))
+    sample_probability: float = field(default=0.5, metadata=check(ge=0, le=1))
 
 
 @dataclass
 class TeacherConfig:
-    momentum: float = 0.992
-    momentum_end: float = 1.0
-    temp: float = 0.07
-    temp_warmup: float = 0.04
-    temp_warmup_epochs: int = 30
+    momentum: float = field(default=0.992, metadata=check(ge=0, le=1))
+    momentum_end: float = field(default=1.0, metadata=check(ge=0, le=1))
+    temp: float = field(default=0.07, metadata=check(gt=0))
+    temp_warmup: float = field(default=0.04, metadata=check(gt=0))
+    temp_warmup_epochs: int = field(default=30, metadata=check(ge=0))
 
 
 @dataclass

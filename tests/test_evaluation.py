@@ -302,7 +302,7 @@ def test_extract_features_decodes_with_the_project_decoder(monkeypatch):
 
     calls = []
     real = training.data.decode_image
-    monkeypatch.setattr(ev_features, "decode_image", lambda v: calls.append(1) or real(v))
+    monkeypatch.setattr(ev_features, "decode_image", lambda v, **kw: calls.append(1) or real(v, **kw))
     ds = photo_dataset(1)
     extract_features(tiny_dinov2(), ds, image_processor=default_image_processor(28), num_workers=0, device="cpu",
                      progress=False)
@@ -351,8 +351,8 @@ def test_clear_errors_for_bad_inputs():
     from transformers import ConvNextConfig, ConvNextModel, ViTConfig, ViTModel
 
     convnet = ConvNextModel(ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2)).eval()
-    with pytest.raises(EvaluationError, match="no CLS token"):
-        ev.forward_features(convnet, torch.randn(1, 3, 28, 28))
+    pooled, mean = ev.forward_features(convnet, torch.randn(1, 3, 28, 28))  # CNNs: pooled features, no CLS needed
+    assert pooled.shape == mean.shape == (1, 16)
     with pytest.raises(EvaluationError, match="multiple of the patch size 14"):
         ev.forward_features(tiny_dinov2(), torch.randn(1, 3, 30, 30))
     vit = ViTModel(ViTConfig(image_size=28, patch_size=14, hidden_size=16, num_hidden_layers=1,

@@ -32,9 +32,14 @@ def rise_hold_schedule(step: int, rise: int, peak: float) -> float:
     return peak * 0.5 * (1 - math.cos(math.pi * step / (rise - 1)))
 
 
-def scaled_lr(base_lr: float, global_batch: int) -> float:
-    """Official "sqrt_wrt_1024" rule: lr = base_lr * sqrt(global batch / 1024)."""
-    return base_lr * math.sqrt(global_batch / 1024)
+def scaled_lr(base_lr: float, global_batch: int, rule: str = "sqrt_1024") -> float:
+    """The lr for a global batch: DINOv2's "sqrt_wrt_1024" (`base_lr * sqrt(batch / 1024)`) or the linear rule of
+    MoCo v3 / SimCLR-style recipes (`base_lr * batch / 256`)."""
+    if rule == "sqrt_1024":
+        return base_lr * math.sqrt(global_batch / 1024)
+    if rule == "linear_256":
+        return base_lr * global_batch / 256
+    raise ValueError(f"optim.lr_scaling={rule!r} is not one of ['sqrt_1024', 'linear_256']")
 
 
 @dataclass
@@ -50,7 +55,7 @@ class Schedules:
     def __init__(self, optim: OptimConfig, global_batch: int):
         o, epoch = optim, optim.iters_per_epoch
         self.total = o.epochs * epoch
-        self.lr = scaled_lr(o.base_lr, global_batch)
+        self.lr = scaled_lr(o.base_lr, global_batch, o.lr_scaling)
         self.min_lr = o.min_lr
         self.lr_warmup = o.warmup_epochs * epoch
         self.lr_schedule = o.lr_schedule

@@ -22,7 +22,7 @@ import datasets
 import torch
 from torch import Tensor
 
-from training.data import decode_image
+from training.data import decode_image, path_policy
 
 from .backbone import check_image_size, model_name, num_prefix_tokens, patch_size
 from .common import FEATURE_KINDS, EvaluationError, default_device, unwrap
@@ -57,8 +57,10 @@ class FeatureSet:
 def forward_features(model: torch.nn.Module, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
     """(CLS, mean of patch tokens) from `model(pixel_values=...).last_hidden_state`, both float32 `[B, D]`.
 
-    Checks the token layout `[CLS, registers..., patches...]` and raises `EvaluationError` for models without a
-    CLS token (e.g. ConvNets, Swin) or with image sizes the model cannot take.
+    ViTs: checks the token layout `[CLS, registers..., patches...]` and raises `EvaluationError` for token models
+    without a CLS token (e.g. Swin) or with image sizes the model cannot take. ConvNets (a `[B, C, h, w]` feature
+    map, e.g. transformers' `ResNetModel`): the global average pool (`pooler_output`) stands for the CLS token and
+    the mean of the last feature map for the mean patch token (`convnet_features`).
     """
     name = model_name(model)
     h, w = pixel_values.shape[-2:]
@@ -75,6 +77,8 @@ def forward_features(model: torch.nn.Module, pixel_values: Tensor) -> tuple[Tens
     hidden = getattr(out, "last_hidden_state", None)
     if hidden is None and isinstance(out, (tuple, list)):
         hidden = out[0]
+    if isinstance(hidden, Tensor) and hidden.ndim == 4:
+        return convnet_features(name, hidden, getattr(out, "pooler_output", None))
     if not isinstance(hidden, Tensor) or hidden.ndim != 3:
         shape = tuple(hidden.shape) if isinstance(hidden, Tensor) else None
         raise EvaluationError(
@@ -100,6 +104,20 @@ def forward_features(model: torch.nn.Module, pixel_values: Tensor) -> tuple[Tens
     return hidden[:, 0], hidden[:, prefix:].mean(dim=1)
 
 
+def convnet_features(name: str, feature_map: Tensor, pooled: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(pooled feature, mean of the feature map), float32 `[B, C]`, of a ConvNet's `[B, C, h, w]` last feature map
+    and its `pooler_output` (`[B, C]` or `[B, C, 1, 1]`; absent: the mean). For a global-average-pooling ConvNet
+    (ResNet) the two are the same vector, so "cls_avgpool" probes see it twice."""
+    mean = feature_map.float().mean(dim=(2, 3))
+    if pooled is None:
+        return mean, mean
+    pooled = pooled.float().flatten(1)
+    if pooled.shape != mean.shape:
+        raise EvaluationError(f"{name}: pooler_output {tuple(pooled.shape)} does not match its feature map "
+                              f"{tuple(feature_map.shape)} (expected [batch, channels] or [batch, channels, 1, 1])")
+    return pooled, mean
+
+
 class _ImageBatches(torch.utils.data.Dataset):
     """Map-style dataset whose items are whole batches: a list of row indices → (pixel_values, labels, indices).
 
@@ -119,16 +137,18 @@ class _ImageBatches(torch.utils.data.Dataset):
         self.processor = processor
         self.label_to_index = label_to_index
         self.split = split
+        # Which local paths rows may name (the folders the dataset was loaded from): decided here, in the main
+        # process, because DataLoader workers started by spawn do not share its registry.
+        self.allow_paths = path_policy()
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    @staticmethod
-    def _decode(value: Any, row: int) -> Any:
+    def _decode(self, value: Any, row: int) -> Any:
         # The project's one decoder (EXIF orientation, RGB). Unlike training, which counts and skips unreadable
         # images, an evaluation must see every row: a broken image is an error that names it.
         try:
-            return decode_image(value)
+            return decode_image(value, allow_paths=self.allow_paths)
         except Exception as e:
             where = value.get("path") if isinstance(value, dict) and value.get("path") else f"row {row}"
             raise EvaluationError(

@@ -1,0 +1,111 @@
+"""What the two-view methods (`mocov3`, `barlow_twins`, `densecl`) add to the shared config sections, and how
+their models are built: the backbone section (`model`: our ViT or a ResNet), the photometric views section
+(`views`), optimizer options for SGD / LARS (`optim`), momentum schedules and the model builder."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import ResNetConfig
+
+from modeling import DinoVisionConfig
+from modeling.two_view import BackboneConfig, TwoViewPreTrainedModel, sync_batch_norm
+
+from ..build import ModelConfig, folder_model_type, load_backbone
+from ..config import check
+from ..data.two_views import ViewsConfig
+from ..schedules import cosine_schedule
+from ..train_config import TrainConfig
+from .registry import Schedule
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BackboneModelConfig(ModelConfig):
+    """The `model` section of the two-view methods: DINOv2's (preset and sizes of our ViT, `init_from`, ...) plus
+    `arch` (vit | resnet), the ViT's `patch_size`, and the ResNet's shape (transformers `ResNetConfig`; the
+    defaults are `microsoft/resnet-50`)."""
+
+    arch: str = field(default="vit", metadata=check(choices=("vit", "resnet")))
+    patch_size: int | None = field(default=None, metadata=check(ge=1))  # None: the preset's (14)
+    resnet_depths: list[int] = field(default_factory=lambda: [3, 4, 6, 3], metadata=check(ge=1))
+    resnet_hidden_sizes: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048], metadata=check(ge=1))
+    resnet_embedding_size: int = field(default=64, metadata=check(ge=1))
+    resnet_layer_type: str = field(default="bottleneck", metadata=check(choices=("bottleneck", "basic")))
+
+
+@dataclass
+class TwoViewTrainConfig(TrainConfig):
+    """Shared sections + `model` (backbone) + `views` (photometric augmentation). The view size and crop scale
+    are `crops.global_size` and `crops.global_scale`."""
+
+    model: BackboneModelConfig = field(default_factory=BackboneModelConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+
+
+def backbone_config(model: BackboneModelConfig, view_size: int) -> BackboneConfig:
+    """The backbone config of the `model` section: a ResNet, or our ViT (position-embedding grid = the view size
+    unless `model.image_size`)."""
+    if model.arch == "resnet":
+        return ResNetConfig(
+            embedding_size=model.resnet_embedding_size, hidden_sizes=list(model.resnet_hidden_sizes),
+            depths=list(model.resnet_depths), layer_type=model.resnet_layer_type,
+        )
+    sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "ffn", "drop_path_rate", "layerscale_init",
+             "patch_size")
+    overrides = {name: getattr(model, name) for name in sizes if getattr(model, name) is not None}
+    return DinoVisionConfig.from_preset(model.preset, image_size=model.image_size or view_size,
+                                        num_register_tokens=model.num_register_tokens, **overrides)
+
+
+def build_two_view_model(
+    cfg: TwoViewTrainConfig, model_class: type[TwoViewPreTrainedModel], config, *, global_batch_norm: bool = True
+) -> TwoViewPreTrainedModel:
+    """Fresh model from `config`, or `model.init_from`: a folder of this method's pretraining model continues it
+    (both encoders, heads, queues); any other backbone source (ViT: DINOv2 / dinoforge exports or official
+    checkpoints; ResNet: a `ResNetModel` folder or Hub id) initialises the backbones, with fresh heads.
+    With `global_batch_norm`, BatchNorms use the statistics of all processes' batches (`sync_batch_norm`, as
+    MoCo v3 and Barlow Twins do; DenseCL keeps per-process BatchNorm with shuffle BN instead)."""
+    source = cfg.model.init_from
+    if source and Path(source).is_dir() and folder_model_type(Path(source)) == model_class.config_class.model_type:
+        logger.info("continuing from %s", source)
+        model = model_class.from_pretrained(source)
+    else:
+        model = model_class(config)
+        if source:
+            model.load_backbone_weights(_backbone_weights(source, cfg.model))
+            logger.info("initialised the backbones from %s (fresh heads)", source)
+    model.train()  # from_pretrained returns eval mode: BatchNorm would use running statistics
+    if cfg.model.gradient_checkpointing:
+        model.backbone.gradient_checkpointing_enable()
+    if cfg.model.compile:
+        model.backbone.compile()
+    return sync_batch_norm(model) if global_batch_norm else model
+
+
+def _backbone_weights(source: str, model: BackboneModelConfig) -> dict:
+    if model.arch == "resnet":
+        from transformers import ResNetModel
+
+        return ResNetModel.from_pretrained(source).state_dict()
+    return load_backbone(source, model.drop_path_rate).state_dict()
+
+
+def momentum_schedule(cfg: TrainConfig, start: float, end: float) -> Schedule:
+    """Key-encoder momentum `start → end` by a cosine over the run (constant when equal), as the value the update
+    after step s needs: the references update at the start of iteration s + 1 with that iteration's momentum
+    (MoCo v3: `1 − ½(1 + cos(π t / T))(1 − m₀)`), so this returns the value of s + 1."""
+    total = cfg.optim.epochs * cfg.optim.iters_per_epoch
+    return lambda step: cosine_schedule(step + 1, total, start, end)
+
+
+def backbone_warmup(cfg: TwoViewTrainConfig) -> dict[str, Callable[[int], float]]:
+    """`model.head_warmup_steps`: the backbone's lr is 0 for that many steps (fresh heads on a loaded backbone)."""
+    if cfg.model.head_warmup_steps <= 0:
+        return {}
+    frozen = cfg.model.head_warmup_steps
+    return {"lr_scale/backbone": lambda step: 0.0 if step < frozen else 1.0}

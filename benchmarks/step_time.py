@@ -3,7 +3,9 @@
     python benchmarks/step_time.py [--batch 8] [--steps 3] [--device cpu|cuda]
 
 Full step: ViT-S/14 with the default heads (shared DINO/iBOT head, 65,536 prototypes), 2×224 + 8×98 crops,
-student fwd+bwd, teacher fwd, heads, Sinkhorn-Knopp, losses, AdamW step, EMA update.
+student fwd+bwd, teacher fwd, heads, Sinkhorn-Knopp, losses, AdamW step, EMA update — driven through the method
+protocol as `training/loop.py` drives it (parameter groups of `trainable_parts()`, per-part clipping, the step
+state saved for a skipped step, `after_optimizer_step`).
 Bare work: the same crops through timm's `vit_small_patch14_dinov2` (`dynamic_img_size=True`): fwd+bwd for the
 student plus a no-grad fwd of the teacher on the global crops, nothing else. Prints the median of the timed steps
 (after one warm-up) and `ratio: X` = full / bare (target ≤ 1.15). On CPU both run with malloc keeping freed memory,
@@ -24,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling import DinoForPretraining, DinoPretrainingConfig, DinoVisionConfig  # noqa: E402
 from training.cpu_memory import keep_freed_memory  # noqa: E402
+from training.param_groups import apply_schedule, param_groups  # noqa: E402
 
 
 def make_batch(batch: int, n_local: int, device: torch.device):
@@ -60,15 +63,18 @@ def full_step_fn(batch, device: torch.device):
     backbone = DinoVisionConfig.from_preset("vits14", drop_path_rate=0.0)
     model = DinoForPretraining(DinoPretrainingConfig(backbone_config=backbone, centering="sinkhorn_knopp"))
     model.to(device).train()
-    optimizer = torch.optim.AdamW(list(model.student.parameters()), lr=1e-4, weight_decay=0.04, fused=True)
+    optimizer = torch.optim.AdamW(param_groups(model.trainable_parts(), 0.9, 0.2), lr=0.0, fused=True)
+    apply_schedule(optimizer, 1e-4, 1e-4, 0.04)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        out = model(global_crops, local_crops, masks, teacher_temp=0.07)
+        [t.clone() for t in model.step_state()]  # the loop keeps them to restore a skipped step
+        out = model(global_crops=global_crops, local_crops=local_crops, masks=masks, teacher_temp=0.07)
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.student.parameters(), 3.0)
+        for part in model.trainable_parts().values():
+            torch.nn.utils.clip_grad_norm_(part.parameters(), 3.0)
         optimizer.step()
-        model.update_teacher(0.992)
+        model.after_optimizer_step(momentum=0.992, teacher_temp=0.07)
 
     return step
 

@@ -31,7 +31,8 @@ class DataPipeline:
     """Which batches a method takes: a pipeline name registered in `training.pipelines` and options that only
     the model knows (e.g. its patch size, whether it needs iBOT masks).
 
-    Pipelines: `"multicrop"` (global + local crops, optional block masks; options `patch_size`, `masks`).
+    Pipelines: `"multicrop"` (global + local crops, optional block masks; options `patch_size`, `masks`) and
+    `"two_views"` (two asymmetrically augmented views; option `patch_size` for ViTs).
     """
 
     name: str

@@ -58,6 +58,7 @@ class DinoPretrainingConfig(PretrainedConfig):
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
         sinkhorn_iterations: int = 3,
+        collapse_patience: int = 100,
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -83,6 +84,7 @@ class DinoPretrainingConfig(PretrainedConfig):
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.sinkhorn_iterations = sinkhorn_iterations
+        self.collapse_patience = collapse_patience  # steps a collapse signal must last before it is reported
         self.initializer_range = initializer_range
         super().__init__(**kwargs)
         if not separate_ibot_head and self.ibot_num_prototypes != num_prototypes:
@@ -117,6 +119,24 @@ class DinoPretrainingOutput(ModelOutput):
     koleo_loss: torch.Tensor | None = None
     teacher_entropy: torch.Tensor | None = None
     teacher_prototypes_used: torch.Tensor | None = None
+
+
+# What a collapse warning tells the user to change (docs/small_data.md has the measurements behind it).
+_COLLAPSE_ADVICE = {
+    "uniform": (
+        "teacher collapse: the teacher's targets have been near-uniform for {steps} steps (entropy {entropy:.2f} of "
+        "max {uniform:.2f}), so the student learns nothing. Likely causes and keys: too many prototypes for the data "
+        "(heads.num_prototypes), a teacher temperature too high for them (teacher.temp, teacher.temp_warmup), "
+        "softmax centering on a small dataset (loss.centering=sinkhorn_knopp), a learning rate too low for the "
+        "heads to move (optim.base_lr); see docs/small_data.md"
+    ),
+    "one_prototype": (
+        "teacher collapse: every image of the batch has mapped to one prototype for {steps} steps. Likely causes "
+        "and keys: a learning rate too high (optim.base_lr, optim.warmup_epochs), an EMA teacher following the "
+        "student too fast (teacher.momentum), centering off or too weak (loss.centering=sinkhorn_knopp), a teacher "
+        "temperature too low (teacher.temp); see docs/small_data.md"
+    ),
+}
 
 
 def _tower(config: DinoPretrainingConfig, backbone_config: DinoVisionConfig) -> nn.ModuleDict:
@@ -346,16 +366,24 @@ class DinoForPretraining(DinoVisionPreTrainedModel, PretrainingMethod):
         return {"backbone": self.teacher_backbone, "pretraining": self}
 
     def health(self, metrics: dict[str, float]) -> list[str]:
-        """Teacher collapse: every image of the batch on one prototype, or near-uniform targets."""
-        warnings = []
+        """Teacher collapse lasting `collapse_patience` steps: every image of the batch on one prototype, or
+        near-uniform targets (entropy > 98 % of its maximum). The warning names the likely causes and the keys."""
         uniform = math.log(self.config.num_prototypes)
-        if metrics.get("teacher_prototypes_used", 2) <= 1:
-            warnings.append("teacher collapse: every image of the batch maps to one prototype")
-        elif metrics.get("teacher_entropy", 0.0) > 0.98 * uniform:
-            warnings.append(
-                f"teacher collapse: targets are near-uniform (entropy {metrics['teacher_entropy']:.2f} of max "
-                f"{uniform:.2f})"
-            )
+        signals = {
+            "one_prototype": metrics.get("teacher_prototypes_used", 2) <= 1,
+            "uniform": metrics.get("teacher_entropy", 0.0) > 0.98 * uniform,
+        }
+        step = int(metrics.get("step", 0))
+        since = self.__dict__.setdefault("_collapse_since", {})  # plain attribute: not state, not saved
+        warnings = []
+        for name, on in signals.items():
+            if not on:
+                since.pop(name, None)
+                continue
+            start = since.setdefault(name, step)
+            if step - start >= self.config.collapse_patience:
+                warnings.append(_COLLAPSE_ADVICE[name].format(steps=step - start, entropy=metrics.get(
+                    "teacher_entropy", float("nan")), uniform=uniform))
         return warnings
 
     def model_card_rows(self, config: dict) -> dict[str, str]:

@@ -1,3 +1,4 @@
+import math
 import subprocess
 import sys
 
@@ -188,3 +189,23 @@ def test_saved_folder_loads_with_trust_remote_code_without_dinoforge(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     n_params = sum(p.numel() for p in model.parameters())
     assert res.stdout.split() == ["DinoForPretraining", str(n_params)]
+
+
+def test_collapse_warning_waits_for_its_patience_and_names_the_keys():
+    torch.manual_seed(0)
+    model = DinoForPretraining(tiny_config(collapse_patience=20))
+    uniform = math.log(model.config.num_prototypes)
+    near_uniform = {"teacher_entropy": 0.99 * uniform, "teacher_prototypes_used": 30}
+    assert model.health({"step": 10, **near_uniform}) == []  # starts the count
+    assert model.health({"step": 20, **near_uniform}) == []
+    warning = model.health({"step": 30, **near_uniform})
+    assert len(warning) == 1 and "near-uniform for 20 steps" in warning[0]
+    for key in ("heads.num_prototypes", "teacher.temp", "loss.centering=sinkhorn_knopp"):
+        assert key in warning[0]
+    healthy = {"teacher_entropy": 0.5 * uniform, "teacher_prototypes_used": 30}
+    assert model.health({"step": 40, **healthy}) == []  # recovered: the count starts again
+    assert model.health({"step": 50, **near_uniform}) == []
+    one = {"teacher_entropy": 0.0, "teacher_prototypes_used": 1}
+    model.health({"step": 60, **one})
+    assert "one prototype for 20 steps" in model.health({"step": 80, **one})[0]
+    assert "teacher.momentum" in model.health({"step": 80, **one})[0]

@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -183,26 +181,8 @@ def _write(target: Path) -> None:
 
 
 def build_objects_dataset(root: str | os.PathLike | None = None) -> Path:
-    """Write the objects imagefolder dataset into `root` (default `default_objects_root()`) once; return it.
-    Atomic like `build_sample_dataset`: a temporary sibling folder renamed into place when complete."""
-    root = Path(root).expanduser() if root is not None else default_objects_root()
-    if _is_complete(root):
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
-        _write(tmp)
-        if root.exists():
-            if _is_complete(root):
-                return root
-            stale = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-            root.rename(stale / root.name)
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            tmp.rename(root)
-        except OSError:
-            if not _is_complete(root):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    """Write the objects imagefolder dataset into `root` (default `default_objects_root()`) once and return it
+    (atomic, like the sample set: `training.sample_data.build_once`)."""
+    from .sample_data import build_once
+
+    return build_once(Path(root).expanduser() if root is not None else default_objects_root(), _is_complete, _write)

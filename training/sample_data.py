@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -128,22 +129,19 @@ def _write(target: Path) -> None:
     (target / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
 
-def build_sample_dataset(root: str | os.PathLike | None = None) -> Path:
-    """Write the sample imagefolder dataset into ``root`` (default :func:`default_sample_root`) and return it.
-
-    Idempotent (an up-to-date copy is returned untouched) and atomic: files go to a temporary sibling directory
-    that is renamed into place when complete, so an interrupted build or several processes building at once
-    (e.g. every rank of ``accelerate launch``) never leave a half-written dataset behind.
-    """
-    root = Path(root).expanduser() if root is not None else default_sample_root()
-    if _is_complete(root):
+def build_once(root: Path, is_complete: Callable[[Path], bool], write: Callable[[Path], None]) -> Path:
+    """Write a generated dataset into ``root`` once and return it: idempotent (a complete copy is returned
+    untouched) and atomic: files go to a temporary sibling directory that is renamed into place when complete, so
+    an interrupted build or several processes building at once (e.g. every rank of ``accelerate launch``) never
+    leave a half-written dataset behind."""
+    if is_complete(root):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
-        _write(tmp)
+        write(tmp)
         if root.exists():  # an older version (or a stray folder without a marker): move it out of the way
-            if _is_complete(root):  # another process finished first
+            if is_complete(root):  # another process finished first
                 return root
             stale = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
             root.rename(stale / root.name)
@@ -151,8 +149,14 @@ def build_sample_dataset(root: str | os.PathLike | None = None) -> Path:
         try:
             tmp.rename(root)
         except OSError:  # another process renamed its copy into place between our check and our rename
-            if not _is_complete(root):
+            if not is_complete(root):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def build_sample_dataset(root: str | os.PathLike | None = None) -> Path:
+    """Write the sample imagefolder dataset into ``root`` (default :func:`default_sample_root`) once and return it
+    (see :func:`build_once`)."""
+    return build_once(Path(root).expanduser() if root is not None else default_sample_root(), _is_complete, _write)

@@ -33,9 +33,10 @@ def load_backbone(model: str | os.PathLike | torch.nn.Module, *, device: torch.d
                 f"could not load model {str(model)!r} with AutoModel.from_pretrained: {e}. Pass a model folder "
                 "(e.g. outputs/<run>/backbone) or a Hub id (needs network or a cached copy)"
             ) from e
-    if hasattr(backbone, "teacher_backbone"):
-        logger.info("%s is a pretraining model: evaluating its teacher backbone", type(backbone).__name__)
-        backbone = backbone.teacher_backbone
+    exports = backbone.exports() if callable(getattr(backbone, "exports", None)) else {}
+    if "backbone" in exports:  # a pretraining model of any method: evaluate what it exports
+        logger.info("%s is a pretraining model: evaluating its exported backbone", type(backbone).__name__)
+        backbone = exports["backbone"]
     backbone.eval()
     if device is not None:
         backbone.to(device)

@@ -54,6 +54,8 @@ class TeacherConfig:
     temp: float = field(default=0.07, metadata=check(gt=0))
     temp_warmup: float = field(default=0.04, metadata=check(gt=0))
     temp_warmup_epochs: int = field(default=30, metadata=check(ge=0))
+    # steps a collapse signal (near-uniform or one-prototype targets) must last before the warning
+    collapse_patience: int = field(default=100, metadata=check(ge=0))
 
 
 @dataclass
@@ -86,6 +88,7 @@ def pretraining_config(cfg: DinoV2TrainConfig, backbone: DinoVisionConfig) -> Di
         centering=loss.centering,
         student_temp=loss.student_temp,
         center_momentum=loss.center_momentum,
+        collapse_patience=cfg.teacher.collapse_patience,
     )
 
 

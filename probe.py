@@ -1,6 +1,10 @@
 """Frozen-feature evaluation of a backbone: k-NN (k = 10/20/100/200, T = 0.07) and linear probes.
 
     python probe.py --model outputs/vitl14/backbone --dataset my-org/labelled --output_dir outputs/probe
+    python probe.py --zero_shot --model outputs/lit/aligned --dataset my-org/labelled --output_dir outputs/zs
+
+`--zero_shot` scores an image-text model (a text-alignment run's `aligned/` folder, any stock dual encoder)
+instead: class names in CLIP's prompt templates, top-1/top-5 on the test split, into results.json.
 
 Writes `OUTPUT_DIR/results.json` (accuracies in percent), `OUTPUT_DIR/details.json` (splits, classes, chosen
 linear-probe settings) and prints a table. Features are cached (keyed by the model's weights, the dataset and
@@ -24,9 +28,12 @@ from training.evaluation import (  # noqa: E402
     EvaluationError,
     LinearProbeConfig,
     ProbeConfig,
+    ZeroShotConfig,
     default_cache_dir,
     format_results_table,
+    format_zero_shot_table,
     run_probe,
+    run_zero_shot,
 )
 from training.model_card import update_model_card  # noqa: E402
 
@@ -65,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update_model_card", action="store_true",
                    help="write the results into the model-index of MODEL/README.md (local model folders)")
     p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--zero_shot", action="store_true",
+                   help="zero-shot classification of an image-text model (e.g. an aligned/ export) with class-name "
+                        "prompts, instead of the k-NN / linear probes")
+    p.add_argument("--templates", default="clip", choices=["clip", "simple"],
+                   help="--zero_shot prompt templates: CLIP's 7-template ensemble, or 'a photo of a {}.'")
+    p.add_argument("--trust_remote_code", action="store_true",
+                   help="--zero_shot: allow the model folder's own code (not needed for dinoforge exports)")
     return p
 
 
@@ -91,14 +105,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"probe.py: error: --update_model_card needs a local model folder, got {args.model!r}", file=sys.stderr)
         return 2
     try:
-        out = run_probe(config_from_args(args))
+        if args.zero_shot:
+            results = run_zero_shot(ZeroShotConfig(
+                model=args.model, dataset=args.dataset, output_dir=args.output_dir, train_split=args.train_split,
+                test_split=args.test_split, image_column=args.image_column, label_column=args.label_column,
+                templates=args.templates, batch_size=args.batch_size, num_workers=args.num_workers or 0,
+                device=args.device, trust_remote_code=args.trust_remote_code,
+            ))
+            table = format_zero_shot_table(results)
+        else:
+            results = run_probe(config_from_args(args)).results
+            table = format_results_table(results)
     except EvaluationError as e:
         print(f"probe.py: error: {e}", file=sys.stderr)
         return 2
-    print(format_results_table(out.results))
+    print(table)
     print(f"\nwrote {Path(args.output_dir) / 'results.json'}")
     if args.update_model_card:
-        print(f"updated {update_model_card(args.model, out.results)}")
+        print(f"updated {update_model_card(args.model, results)}")
     return 0
 
 

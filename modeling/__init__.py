@@ -9,9 +9,14 @@ from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
 from . import convert, losses
 from .barlow_twins import BarlowTwinsConfig, BarlowTwinsForPretraining
 from .densecl import DenseCLConfig, DenseCLForPretraining
+from .distillation import DistillDinoConfig, DistillDinoForPretraining
+from .dual_encoder import DualEncoderConfig, DualEncoderModel
+from .feature_distillation import FeatureDistillConfig, FeatureDistillForPretraining
+from .grounding import GroundingConfig, GroundingForPretraining
 from .heads import DinoHead
 from .mocov3 import MoCoV3Config, MoCoV3ForPretraining
 from .pretraining import DinoForPretraining, DinoPretrainingConfig, DinoPretrainingOutput
+from .text_alignment import TextAlignmentConfig, TextAlignmentForPretraining
 from .vision_transformer import DinoVisionConfig, DinoVisionModel
 
 AutoConfig.register(DinoVisionConfig.model_type, DinoVisionConfig, exist_ok=True)
@@ -20,16 +25,26 @@ AutoConfig.register(DinoPretrainingConfig.model_type, DinoPretrainingConfig, exi
 AutoModel.register(DinoPretrainingConfig, DinoForPretraining, exist_ok=True)
 AutoModelForPreTraining.register(DinoPretrainingConfig, DinoForPretraining, exist_ok=True)
 for _config, _model in ((MoCoV3Config, MoCoV3ForPretraining), (BarlowTwinsConfig, BarlowTwinsForPretraining),
-                        (DenseCLConfig, DenseCLForPretraining)):
+                        (DenseCLConfig, DenseCLForPretraining), (TextAlignmentConfig, TextAlignmentForPretraining),
+                        (GroundingConfig, GroundingForPretraining)):
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     AutoModel.register(_config, _model, exist_ok=True)
     AutoModelForPreTraining.register(_config, _model, exist_ok=True)
+
+AutoConfig.register(DistillDinoConfig.model_type, DistillDinoConfig, exist_ok=True)
+AutoModelForPreTraining.register(DistillDinoConfig, DistillDinoForPretraining, exist_ok=True)
+AutoConfig.register(FeatureDistillConfig.model_type, FeatureDistillConfig, exist_ok=True)
+AutoModelForPreTraining.register(FeatureDistillConfig, FeatureDistillForPretraining, exist_ok=True)
 
 # Saved folders carry `auto_map`, so a Hub copy also loads with `trust_remote_code=True` without dinoforge.
 DinoVisionConfig.register_for_auto_class()
 DinoVisionModel.register_for_auto_class("AutoModel")
 DinoPretrainingConfig.register_for_auto_class()
 DinoForPretraining.register_for_auto_class("AutoModelForPreTraining")
+AutoConfig.register(DualEncoderConfig.model_type, DualEncoderConfig, exist_ok=True)
+AutoModel.register(DualEncoderConfig, DualEncoderModel, exist_ok=True)
+DualEncoderConfig.register_for_auto_class()
+DualEncoderModel.register_for_auto_class("AutoModel")
 
 __all__ = [
     "BarlowTwinsConfig",
@@ -42,8 +57,18 @@ __all__ = [
     "DinoPretrainingOutput",
     "DinoVisionConfig",
     "DinoVisionModel",
+    "DistillDinoConfig",
+    "DistillDinoForPretraining",
+    "DualEncoderConfig",
+    "DualEncoderModel",
+    "FeatureDistillConfig",
+    "FeatureDistillForPretraining",
+    "GroundingConfig",
+    "GroundingForPretraining",
     "MoCoV3Config",
     "MoCoV3ForPretraining",
+    "TextAlignmentConfig",
+    "TextAlignmentForPretraining",
     "convert",
     "losses",
 ]

@@ -5,6 +5,8 @@
 - `from_official_state_dict`: checkpoints in the official facebookresearch/dinov2 layout (released `*_pretrain.pth`,
   `teacher_checkpoint.pth`, training checkpoints with `teacher.backbone.` / `student.backbone.` / `module.` prefixes,
   `block_chunks` layouts).
+- `from_official_pretraining_state_dict`: official *training* checkpoints with their DINO / iBOT heads → a
+  `DinoForPretraining` (the teacher of the paper's distillation recipe).
 - `to_timm`: a timm `vit_*_patch14_dinov2` / `vit_*_patch14_reg4_dinov2` model (`dynamic_img_size=True`).
 - `export_backbone`: `to_transformers(...).save_pretrained(out_dir)` + the `preprocessor_config.json` of the released
   DINOv2 models, so `pipeline("image-feature-extraction", model=out_dir)` works out of the box.
@@ -37,7 +39,7 @@ from transformers import (
     Dinov2WithRegistersModel,
 )
 
-from .official import from_official_state_dict
+from .official import from_official_pretraining_state_dict, from_official_state_dict
 from .vision_transformer import DinoVisionConfig, DinoVisionModel
 from .weights import bias_or_zeros, build_from_state_dict
 
@@ -46,6 +48,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "dinov2_image_processor",
     "export_backbone",
+    "from_official_pretraining_state_dict",
     "from_official_state_dict",
     "from_transformers",
     "timm_model_name",

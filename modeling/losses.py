@@ -573,3 +573,95 @@ __all__ += [
     "moco_v3_loss",
     "off_diagonal",
 ]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Image-text alignment (CLIP / LiT / dino.txt): the contrastive loss over the global batch
+#
+# Features of every process are gathered *with* gradients (open_clip's `gather_with_grad=True`, `local_loss=False`):
+# each process computes the loss of the whole global batch, and the gather's backward sums every process's
+# gradient for its own rows. Each process's gradient is then W × that of the global loss, and DDP's average over W
+# processes gives exactly the gradient of one process on the concatenated batch (tests/test_text_alignment.py).
+# --------------------------------------------------------------------------------------------------------------
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(rows of every process concatenated in rank order, index of this process's first row), differentiable: the
+    gradient of this process's rows is the sum over processes of the gradients of their copies. Processes may
+    hold different numbers of rows. The identity (offset 0) in a single process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor, 0
+    world, rank = dist.get_world_size(), dist.get_rank()
+    sizes = torch.zeros(world, dtype=torch.long, device=tensor.device)
+    sizes[rank] = tensor.shape[0]
+    dist.all_reduce(sizes)
+    counts = sizes.tolist()
+    return _AllGatherRows.apply(tensor, counts, rank), sum(counts[:rank])
+
+
+class _AllGatherRows(torch.autograd.Function):
+    """y = concat of every process's rows (padded to the largest count for the collective); dL/dx = the slice of
+    Σ_processes dL/dy that belongs to this process's rows."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, counts: list[int], rank: int) -> torch.Tensor:
+        ctx.counts, ctx.rank = counts, rank
+        padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.cat([p[:n] for p, n in zip(parts, counts)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start = sum(ctx.counts[: ctx.rank])
+        return grad[start : start + ctx.counts[ctx.rank]], None, None
+
+
+def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric contrastive loss over the global batch (open_clip ``ClipLoss(gather_with_grad=True)``).
+
+    ``image_embeds``, ``text_embeds`` ``[B, D]``: this process's L2-normalised embeddings, row i of both from the
+    same pair; ``logit_scale``: the multiplier (``exp`` of the learnt log-scale), a scalar tensor. Every image is
+    scored against the texts of *all* processes and vice versa (gathered with gradients); the positives are the
+    diagonal of the global similarity matrix; the loss is the mean of the image→text and text→image
+    cross-entropies over the global batch — the same value on every process.
+    """
+    if image_embeds.ndim != 2 or image_embeds.shape != text_embeds.shape:
+        raise ValueError(f"image_embeds and text_embeds must both be [B, D], got {tuple(image_embeds.shape)} and "
+                         f"{tuple(text_embeds.shape)}")
+    all_images, _ = all_gather_with_grad(image_embeds)
+    all_texts, _ = all_gather_with_grad(text_embeds)
+    logits_per_image = logit_scale * all_images @ all_texts.T
+    labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.T, labels)) / 2
+
+
+__all__ += ["all_gather_with_grad", "clip_loss"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Feature distillation (LightlyTrain-style): regress the student's (projected) features onto a frozen teacher's
+# --------------------------------------------------------------------------------------------------------------
+
+
+def feature_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """Distance between student features and the teacher's, averaged over the rows (fp32; no gradient to the teacher).
+
+    ``student`` and ``teacher`` are ``[..., D]`` of one shape (pooled embeddings ``[B, D]`` or dense features
+    ``[B, h·w, D]``, the student's already projected to the teacher's width and resized to its grid).
+    ``kind="mse"``: mean squared error over every element (LightlyTrain's ``DistillationV2Loss``, raw features);
+    ``kind="cosine"``: mean of ``1 - cos`` over the feature vectors (scale-free)."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} features differ in shape")
+    s, t = student.float(), teacher.detach().float()
+    if kind == "mse":
+        return F.mse_loss(s, t)
+    if kind == "cosine":
+        return (1 - F.cosine_similarity(s, t, dim=-1)).mean()
+    raise ValueError(f"kind must be 'mse' or 'cosine', got {kind!r}")
+
+
+__all__ += ["feature_distillation_loss"]

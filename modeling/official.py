@@ -227,3 +227,116 @@ def from_official_state_dict(
             + "Fix the config or pass config=None to infer it."
         )
     return build_from_state_dict(lambda: DinoVisionModel(config), {k: mapped[k] for k in expected}, "DinoVisionModel")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training checkpoints with heads (the teacher of the paper's distillation recipe)
+# --------------------------------------------------------------------------------------------------------------------
+
+# DINOv3 backbones: RoPE (`rope_embed.periods`) and "storage" register tokens; patch 16.
+_DINOV3_MARKERS = ("rope_embed", "storage_tokens", "local_cls_norm")
+
+
+def _check_not_dinov3(sd: Mapping[str, torch.Tensor]) -> None:
+    hits = sorted(k for k in sd if any(m in k for m in _DINOV3_MARKERS))
+    if hits:
+        raise ValueError(
+            f"this is a DINOv3 checkpoint (keys like {hits[:3]}): DINOv3 backbones use rotary position embeddings "
+            "(RoPE) and patch 16, which dinoforge's ViT does not implement, so its heads cannot serve as a "
+            "`distill_dino` teacher. Distil it with `method: distill_features` instead (teacher.path = the "
+            "transformers DINOv3 model, e.g. facebook/dinov3-vitl16-pretrain-lvd1689m, which AutoModel loads)."
+        )
+
+
+def _official_head(sd: Mapping[str, torch.Tensor], prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """An official `DINOHead` under `prefix` → (our `DinoHead` state dict, its sizes).
+
+    Official layouts: `mlp.{0,2,4}` linears (GELU between; `mlp.weight` when nlayers = 1), last layer weight-normed
+    as `last_layer.weight_g` / `weight_v` (torch.nn.utils.weight_norm), `last_layer.parametrizations.weight.original0`
+    / `original1` (the parametrization API), or a plain `last_layer.weight` (DINOv3's head: g = the row norms,
+    which is the same linear map)."""
+    keys = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    if any(".running_mean" in k for k in keys):
+        raise ValueError(f"{prefix}: heads with BatchNorm (official use_bn=True) are not supported")
+    out: dict[str, torch.Tensor] = {}
+    if "mlp.weight" in keys:  # nlayers = 1: a bare Linear instead of a Sequential
+        out["mlp.0.weight"], out["mlp.0.bias"] = keys["mlp.weight"], keys["mlp.bias"]
+    else:
+        out.update({k: v for k, v in keys.items() if k.startswith("mlp.")})
+    if "last_layer.weight_v" in keys:
+        g, v = keys["last_layer.weight_g"], keys["last_layer.weight_v"]
+    elif "last_layer.parametrizations.weight.original1" in keys:
+        g = keys["last_layer.parametrizations.weight.original0"]
+        v = keys["last_layer.parametrizations.weight.original1"]
+    elif "last_layer.weight" in keys:
+        v = keys["last_layer.weight"]
+        g = v.norm(dim=1, keepdim=True)
+    else:
+        raise ValueError(f"{prefix}: no last layer found; keys are {sorted(keys)[:12]}")
+    out["last_layer.weight_g"], out["last_layer.weight_v"] = g.reshape(-1, 1), v
+    linears = sorted(int(k.split(".")[1]) for k in out if k.startswith("mlp.") and k.endswith(".weight"))
+    if linears != list(range(0, 2 * len(linears), 2)):
+        raise ValueError(f"{prefix}: unexpected MLP layout (linear layers at mlp.{linears})")
+    sizes = dict(num_prototypes=v.shape[0], bottleneck_dim=v.shape[1], nlayers=len(linears),
+                 hidden_dim=out["mlp.0.weight"].shape[0] if len(linears) > 1 else 2048)
+    return out, sizes
+
+
+def from_official_pretraining_state_dict(
+    state_dict: Mapping, backbone_config: DinoVisionConfig | None = None, *, centering: str = "sinkhorn_knopp",
+):
+    """A `DinoForPretraining` (backbones + DINO/iBOT heads + centers) from an official DINOv2 *training* checkpoint.
+
+    Accepts the trainer's checkpoints (`{"model": {"student.backbone.…", "student.dino_head.…", "teacher.…",
+    "dino_loss.center", "ibot_patch_loss.center"}}`, FSDP / DDP wrapper segments stripped) and `teacher_checkpoint.pth`
+    (`{"teacher": {"backbone.…", "dino_head.…", "ibot_head.…"}}`, the teacher alone: it fills both towers). Head
+    sizes, the prototype counts and whether the iBOT head is separate are read from the tensors; the backbone's as
+    in `from_official_state_dict` (or `backbone_config`). `centering` is recorded in the config (the checkpoint does
+    not say; the L/g recipes use Sinkhorn-Knopp).
+
+    Raises `ValueError` naming the fix for a backbone-only checkpoint (no `dino_head`: nothing to distil the paper
+    way, use feature distillation) and for DINOv3 checkpoints (RoPE backbones, not implemented here)."""
+    from .pretraining import DinoForPretraining, DinoPretrainingConfig
+
+    sd = {_WRAPPER_RE.sub(r"\1", k): v for k, v in _unwrap_container(state_dict).items() if isinstance(v, torch.Tensor)}
+    _check_not_dinov3(sd)
+    if any(k.startswith("teacher.") for k in sd):
+        towers = {"teacher": "teacher.", "student": "student." if any(k.startswith("student.") for k in sd) else "teacher."}
+    else:
+        towers = {"teacher": "", "student": ""}
+    t = towers["teacher"]
+    if not any(k.startswith(t + "dino_head.") for k in sd):
+        raise ValueError(
+            "the checkpoint has no DINO head (no '" + t + "dino_head.*' keys): it holds a backbone only, so it cannot "
+            "be a teacher of the paper's distillation recipe (method: distill_dino), which matches the teacher's "
+            "prototype outputs. Use feature distillation (method: distill_features), which needs only a backbone."
+        )
+    backbones = {name: from_official_state_dict(sd, backbone_config, prefix=p + "backbone.") for name, p in towers.items()}
+    dino, dino_sizes = _official_head(sd, t + "dino_head.")
+    separate = any(k.startswith(t + "ibot_head.") for k in sd)
+    ibot, ibot_sizes = _official_head(sd, t + "ibot_head.") if separate else ({}, dino_sizes)
+    config = DinoPretrainingConfig(
+        backbone_config=backbones["teacher"].config, num_prototypes=dino_sizes["num_prototypes"],
+        hidden_dim=dino_sizes["hidden_dim"], bottleneck_dim=dino_sizes["bottleneck_dim"],
+        head_nlayers=dino_sizes["nlayers"], separate_ibot_head=separate,
+        ibot_num_prototypes=ibot_sizes["num_prototypes"], ibot_hidden_dim=ibot_sizes["hidden_dim"],
+        ibot_bottleneck_dim=ibot_sizes["bottleneck_dim"], centering=centering,
+    )
+    if separate and ibot_sizes["nlayers"] != dino_sizes["nlayers"]:
+        raise ValueError(f"DINO and iBOT heads have {dino_sizes['nlayers']} and {ibot_sizes['nlayers']} layers; "
+                         "dinoforge's pretraining config has one head_nlayers")
+    state: dict[str, torch.Tensor] = {}
+    for name, prefix in towers.items():
+        state.update({f"{name}.backbone.{k}": v for k, v in backbones[name].state_dict().items()})
+        heads = {"dino_head": _official_head(sd, prefix + "dino_head.")[0]}
+        if separate:
+            heads["ibot_head"] = _official_head(sd, prefix + "ibot_head.")[0]
+        for head, values in heads.items():
+            state.update({f"{name}.{head}.{k}": v for k, v in values.items()})
+    k_dino, k_ibot = config.num_prototypes, config.ibot_num_prototypes
+    centers = {"dino_center": sd.get("dino_loss.center"), "ibot_center": sd.get("ibot_patch_loss.center")}
+    state["dino_center"] = torch.zeros(1, k_dino) if centers["dino_center"] is None else centers["dino_center"].reshape(1, k_dino)
+    state["ibot_center"] = torch.zeros(1, k_ibot) if centers["ibot_center"] is None else centers["ibot_center"].reshape(1, k_ibot)
+    model = build_from_state_dict(lambda: DinoForPretraining(config), state, "DinoForPretraining")
+    model.teacher.requires_grad_(False)
+    return model

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -55,8 +56,12 @@ def _worker(rank: int, world_size: int, init_file: str, fn, args) -> None:
 
 
 def run_two_processes(tmp_path: Path, fn, *args) -> None:
-    """`fn(rank, world_size, *args)` in 2 gloo processes (a module-level function; it asserts what it checks)."""
-    mp.spawn(_worker, args=(2, str(tmp_path / "gloo_init"), fn, args), nprocs=2, join=True)
+    """`fn(rank, world_size, *args)` in 2 gloo processes (a module-level function; it asserts what it checks).
+
+    Each call gets its own rendezvous file: a FileStore file left by an earlier group holds that group's
+    addresses, and a new group reading it connects to a closed port ("Connection refused")."""
+    init_file = Path(tempfile.mkdtemp(dir=tmp_path, prefix="gloo_")) / "init"
+    mp.spawn(_worker, args=(2, str(init_file), fn, args), nprocs=2, join=True)
 
 
 # ---- train.py in a subprocess --------------------------------------------------------------------------------

@@ -52,7 +52,13 @@ def load_checkpoint_model(checkpoint: str | Path) -> nn.Module:
             f"{checkpoint}: model type {config.model_type!r} is not registered with AutoModelForPreTraining; export "
             "it from a process that registers its method"
         ) from e
-    missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
+    state = load_file(weights)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Tied weights (one tensor under several names, e.g. Grounding DINO's shared box heads) are saved once by
+    # safetensors: a "missing" name whose tensor is shared with a loaded one is loaded.
+    current = model.state_dict()
+    loaded = {current[k].data_ptr() for k in state if k in current}
+    missing = [k for k in missing if current[k].data_ptr() not in loaded]
     if missing or unexpected:
         raise ValueError(f"checkpoint {checkpoint} does not match its config: missing {missing}, unexpected {unexpected}")
     return model.eval()
@@ -70,7 +76,22 @@ def save_backbone(backbone: nn.Module, folder: Path) -> Path:
     if isinstance(backbone, ResNetModel):
         return save_resnet_backbone(backbone, folder)  # + the image processor of microsoft/resnet-50
     backbone.save_pretrained(folder)
+    _ensure_image_processor(Path(folder))
     return folder
+
+
+def _ensure_image_processor(folder: Path) -> None:
+    """A backbone folder that `AutoImageProcessor` cannot load a processor from (e.g. a ConvNeXt or EfficientNet
+    student built from a config) gets the DINOv2 evaluation one, so `pipeline("image-feature-extraction")` works.
+    Folders that carry their own (a timm wrapper's `pretrained_cfg` in config.json) are left as they are."""
+    from transformers import AutoImageProcessor
+
+    from modeling.convert import dinov2_image_processor
+
+    try:
+        AutoImageProcessor.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError, TypeError):
+        dinov2_image_processor().save_pretrained(folder)
 
 
 def export_run(model: nn.Module, out_dir: str | Path, run: dict[str, Any] | None = None,

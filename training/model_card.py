@@ -13,6 +13,9 @@ Evaluation results: every function here that takes `results` accepts either shap
    `{"dataset": "<eval dataset>", "split": "test", "knn": {"knn/top1": x, "knn/top5": y, "knn/k10/top1": ...,
    ...}, "random_init": {same flat keys}}`; `"random_init"` (a random-weight backbone of the same architecture,
    the baseline) is optional.
+3. Zero-shot classification of an image-text model (`probe.py --zero_shot`, or a text-alignment run's end-of-run
+   evaluation): `{"dataset", "split", "zero_shot": {"top1", "top5", "num_classes", "num_templates", ...}}`, with
+   optional `"before_training"` (same keys: the model before training, the baseline) — alone or beside "knn".
 
 Accuracies are in percent. The `model-index` holds k-NN k = 20 top-1/top-5 and, for a probe, both linear probes;
 the random-init baseline is shown in the card's results table only (it is not a result of this model).
@@ -56,6 +59,8 @@ class EvalSummary:
     knn: dict[str, dict[str, float]]  # {"20": {"top1": .., "top5": ..}, ...}
     linear: dict[str, dict[str, float]] = field(default_factory=dict)
     random_init: dict[str, dict[str, float]] | None = None
+    zero_shot: dict[str, Any] | None = None  # {"top1", "top5", "num_classes", "num_templates", ...}
+    zero_shot_baseline: dict[str, Any] | None = None  # the model before training
     model: str | None = None
     num_train: int | None = None
     num_test: int | None = None
@@ -67,6 +72,11 @@ def parse_results(results: ResultsLike) -> EvalSummary:
     if not isinstance(results, dict):
         results = json.loads(Path(results).read_text())
     knn = results.get("knn")
+    zero_shot = results.get("zero_shot") if isinstance(results.get("zero_shot"), dict) else None
+    if zero_shot is not None and "dataset" in results and not knn:
+        return EvalSummary(dataset=str(results["dataset"]), split=str(results.get("split") or "test"), knn={},
+                           zero_shot=zero_shot, zero_shot_baseline=results.get("before_training"),
+                           model=results.get("model"), num_test=results.get("num_test"))
     if "dataset" not in results or not isinstance(knn, dict) or not knn:
         raise ValueError(
             "results must be a probe results.json dict ({'model', 'dataset', 'num_train', 'num_test', 'knn': "
@@ -78,6 +88,7 @@ def parse_results(results: ResultsLike) -> EvalSummary:
         return EvalSummary(
             **common, knn={str(k): dict(v) for k, v in knn.items()}, linear=dict(results.get("linear") or {}),
             model=results.get("model"), num_train=results.get("num_train"), num_test=results.get("num_test"),
+            zero_shot=zero_shot, zero_shot_baseline=results.get("before_training"),
         )
     baseline = results.get("random_init")
     return EvalSummary(
@@ -121,8 +132,16 @@ def eval_results_from_results(
                     **common, metric_value=round(float(metrics[m]), 2), metric_config=f"linear-{kind}-{m}",
                     metric_name=f"linear {_metric_label(m)} ({_LINEAR_NAMES.get(kind, kind)}, frozen)",
                 ))
+    for m in ("top1", "top5"):
+        if s.zero_shot and m in s.zero_shot:
+            out.append(EvalResult(
+                **{**common, "task_type": "zero-shot-image-classification", "task_name": "Zero-Shot Image Classification"},
+                metric_value=round(float(s.zero_shot[m]), 2), metric_config=f"zero-shot-{m}",
+                metric_name=f"zero-shot {_metric_label(m)} (class-name prompts)",
+            ))
     if not out:
-        raise ValueError(f"the results have no k-NN result at k in {list(knn_ks)} and no linear probe to report")
+        raise ValueError(f"the results have no k-NN result at k in {list(knn_ks)}, no linear probe and no zero-shot "
+                         "result to report")
     return out
 
 
@@ -153,6 +172,8 @@ def _fmt(block: dict[str, float] | None, metric: str) -> str:
 def evaluation_markdown(results: ResultsLike | EvalSummary) -> str:
     """The card's Evaluation section body (between the markers): a sentence on the protocol and a results table."""
     s = results if isinstance(results, EvalSummary) else parse_results(results)
+    if not s.knn and s.zero_shot:
+        return zero_shot_markdown(s)
     counts = f"; {s.num_train} train / {s.num_test} test images" if s.num_train and s.num_test else ""
     when = "at the end of training" if s.source == "training" else "with `probe.py`"
     lines = [
@@ -178,6 +199,27 @@ def evaluation_markdown(results: ResultsLike | EvalSummary) -> str:
     if baseline:
         lines += ["", "random-init: a backbone of the same architecture with random weights, evaluated the same way: "
                   "the baseline the pretraining has to beat."]
+    return "\n".join(lines)
+
+
+def zero_shot_markdown(s: EvalSummary) -> str:
+    """The Evaluation section of zero-shot results: the protocol and a table (with the before-training baseline)."""
+    z, base = s.zero_shot or {}, s.zero_shot_baseline
+    classes = z.get("num_classes")
+    lines = [
+        f"Zero-shot classification on `{public_name(s.dataset, default='local images')}` (split `{s.split}`"
+        + (f", {z.get('num_test')} images" if z.get("num_test") else "")
+        + (f", {classes} classes, chance {100 / classes:.1f}%" if classes else "") + "): each class is embedded as "
+        f"the mean of its class name in {z.get('num_templates', '?')} prompt templates (CLIP's prompt ensemble), "
+        "each image is assigned the most similar class. No training on this dataset's labels.",
+        "",
+        "| model | top-1 (%) | top-5 (%) |",
+        "|---|---:|---:|",
+        f"| this model | {_fmt(z, 'top1')} | {_fmt(z, 'top5')} |",
+    ]
+    if base:
+        lines.append(f"| before training (random-init text tower, same image tower) | {_fmt(base, 'top1')} | "
+                     f"{_fmt(base, 'top5')} |")
     return "\n".join(lines)
 
 

@@ -36,13 +36,16 @@ def param_groups(
     fused: dict[tuple, dict] = defaultdict(lambda: {"params": [], "names": []})
     for module_name, module in parts.items():
         num_layers = len(module.blocks) if hasattr(module, "blocks") else 0
+        # A part may name parameters that must not decay by other rules (timm's `no_weight_decay()` convention),
+        # e.g. a CLIP logit scale or a text tower's `LayerNorm` gains.
+        keep = set(module.no_weight_decay()) if callable(getattr(module, "no_weight_decay", None)) else set()
         for name, param in module.named_parameters():
             if not param.requires_grad:
                 continue
             lr_mult = layerwise_decay ** (num_layers + 1 - layer_id(name, num_layers)) if num_layers else 1.0
             if "patch_embed" in name:
                 lr_mult *= patch_embed_lr_mult
-            no_decay = name.endswith(".bias") or "norm" in name or "gamma" in name
+            no_decay = name.endswith(".bias") or "norm" in name or "gamma" in name or name in keep
             if not decay_tokens and any(key in name for key in _TOKEN_NAMES):
                 no_decay = True
             is_last_layer = "last_layer" in name

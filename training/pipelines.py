@@ -128,3 +128,64 @@ def _two_views(options: dict[str, Any], cfg: TrainConfig, dataset: Any, *, rank:
 
 
 register_pipeline("two_views", _two_views)
+
+
+# ---- image + text (text alignment: LiT, dino.txt) ---------------------------------------------------------------
+
+
+def _image_text(options: dict[str, Any], cfg: TrainConfig, dataset: Any, *, rank: int, world_size: int) -> DataLoader:
+    """Batches `{"pixel_values", "input_ids", "attention_mask"}` (`training/data/image_text.py`): one random resized
+    crop per image and one caption per image per step — drawn from `captions.text_column` (a caption or a list), or
+    made from the class name of `data.label_column` when that is null. Options (from the model): `tokenizer`,
+    `image_processor` (crop size and normalisation), `max_length`."""
+    from .data.image_text import CaptionCollator, ImageTextTransform, build_image_text_loader
+    from .methods.text_alignment import CaptionsSection, class_label_names
+
+    captions = getattr(cfg, "captions", None) or CaptionsSection(text_column="text")
+    processor = options["image_processor"]
+    crop = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
+    size = int(crop["height"]) if "height" in crop else cfg.crops.global_size
+    transform = ImageTextTransform(size, captions.crop_scale, processor.image_mean, processor.image_std,
+                                   captions.horizontal_flip)
+    from_labels = captions.text_column is None
+    class_names = class_label_names(dataset, cfg.data.label_column) if from_labels else None
+    collator = CaptionCollator(options["tokenizer"], int(options.get("max_length", 64)), class_names)
+    return build_image_text_loader(
+        dataset, transform, collator, cfg.optim.batch_size,
+        text_column=None if from_labels else captions.text_column,
+        label_column=cfg.data.label_column if from_labels else None,
+        image_column=cfg.data.image_column, seed=cfg.train.seed, num_replicas=world_size, rank=rank,
+        num_workers=cfg.data.num_workers, shuffle_buffer_size=cfg.data.shuffle_buffer,
+        allow_paths=True if cfg.data.allow_local_paths else None,
+    )
+
+
+register_pipeline("image_text", _image_text)
+
+
+# ---- detection with grounding prompts (Grounding DINO) ----------------------------------------------------------
+
+
+def _detection(options: dict[str, Any], cfg: TrainConfig, dataset: Any, *, rank: int, world_size: int) -> DataLoader:
+    """Batches `{"pixel_values", "pixel_mask", "input_ids", "attention_mask", "labels"}` (`training/data/detection.py`)
+    from a COCO-style detection set: the image through the detector's image processor, a prompt of every category
+    name (order drawn per sample) and the targets. Columns from the method's `grounding` section; options (from the
+    model): `tokenizer`, `image_processor`, `max_length`."""
+    from .data.detection import DetectionCollator, DetectionTransform, build_detection_loader
+    from .methods.grounding import GroundingSection, category_names
+
+    g = getattr(cfg, "grounding", None) or GroundingSection()
+    collator = DetectionCollator(
+        options["tokenizer"], category_names(dataset, cfg), int(options.get("max_length", 256)),
+        shuffle_phrases=g.shuffle_phrases, horizontal_flip=g.horizontal_flip, bbox_key=g.bbox_key,
+        category_key=g.category_key,
+    )
+    return build_detection_loader(
+        dataset, DetectionTransform(options["image_processor"]), collator, cfg.optim.batch_size,
+        objects_column=g.objects_column, image_column=cfg.data.image_column, seed=cfg.train.seed,
+        num_replicas=world_size, rank=rank, num_workers=cfg.data.num_workers,
+        shuffle_buffer_size=cfg.data.shuffle_buffer, allow_paths=True if cfg.data.allow_local_paths else None,
+    )
+
+
+register_pipeline("detection", _detection)

@@ -55,9 +55,14 @@ def run(cfg: TrainConfig) -> dict:
         accelerator.print("exported " + ", ".join(str(p) for p in paths.values()))
     accelerator.wait_for_everyone()
 
-    knn = _end_of_run_knn(cfg, model, accelerator)
+    method = get_method(cfg.method)
+    knn = _end_of_run_knn(cfg, model, accelerator) if method.evaluate is None else None
     if knn is not None:
         summary["knn"] = knn
+    if method.evaluate is not None:
+        evaluation = _method_evaluation(method, cfg, model, accelerator, paths)
+        if evaluation is not None:
+            summary["evaluation"] = evaluation
     if accelerator.is_main_process:
         if knn is not None:
             results = {"dataset": cfg.data.eval_dataset, "split": cfg.data.eval_split, "knn": knn["trained"],
@@ -72,6 +77,15 @@ def run(cfg: TrainConfig) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def _method_evaluation(method, cfg: TrainConfig, model, accelerator, paths: dict) -> dict | None:
+    """The method's own end-of-run evaluation; a failure is logged, not fatal (the exports are already saved)."""
+    try:
+        return method.evaluate(cfg, model, accelerator, paths)
+    except Exception:
+        logger.exception("the end-of-run evaluation of method %r failed; the exported model is unaffected", cfg.method)
+        return None
 
 
 def _end_of_run_knn(cfg: TrainConfig, model, accelerator) -> dict | None:

@@ -15,6 +15,7 @@ One job per module:
 - `features`: batched feature extraction in DataLoader workers (multi-process with Accelerate).
 - `cache`: the on-disk feature cache (content fingerprints, LRU size limit).
 - `probe`: `ProbeConfig` + `run_probe` (what `probe.py` runs) and its results table.
+- `zero_shot`: zero-shot classification of image-text models with class-name prompts (`probe.py --zero_shot`).
 
 Model cards (`model-index`) live in `training.model_card`, the classifier export in `training.classifier`.
 """
@@ -28,6 +29,7 @@ from .metrics import rank_classes, topk_accuracy
 from .preprocess import default_image_processor, load_image_processor, processor_output_size
 from .probe import ProbeConfig, ProbeOutput, format_results_table, run_probe
 from .splits import load_split, resolve_labels
+from .zero_shot import ZeroShotConfig, format_zero_shot_table, run_zero_shot, zero_shot_classify
 
 __all__ = [
     "DEFAULT_CACHE_MAX_BYTES", "FEATURE_KINDS", "HEADLINE_K", "KNN_KS", "KNN_TEMPERATURE",
@@ -36,4 +38,5 @@ __all__ = [
     "format_results_table", "forward_features", "knn_classify", "knn_eval", "knn_scores", "load_image_processor",
     "load_split", "model_fingerprint", "processor_output_size", "rank_classes", "resolve_labels", "run_probe",
     "topk_accuracy", "train_linear_probe", "unflatten_knn",
+    "ZeroShotConfig", "format_zero_shot_table", "run_zero_shot", "zero_shot_classify",
 ]

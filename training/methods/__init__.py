@@ -1,7 +1,7 @@
 """Pretraining methods the shared loop can train (`method:` in the config). Importing this package registers
 the built-in ones."""
 
-from . import barlow_twins, densecl, dinov2, mocov3
+from . import barlow_twins, densecl, dinov2, distill, distill_features, grounding, mocov3, text_alignment
 from .registry import Method, available_methods, get_method, load_train_config, register_method
 
 __all__ = [
@@ -10,8 +10,12 @@ __all__ = [
     "barlow_twins",
     "densecl",
     "dinov2",
+    "distill",
+    "distill_features",
     "get_method",
+    "grounding",
     "load_train_config",
     "mocov3",
     "register_method",
+    "text_alignment",
 ]

@@ -32,6 +32,7 @@ class Method:
     `schedules(cfg)` returns named per-step values (step → float). They are logged, and passed as keyword
     arguments to the model's `forward` and `after_optimizer_step`, except `lr_scale/<part>`, which multiplies
     the learning rate of that trainable part (0 freezes it, e.g. a backbone while fresh heads warm up).
+    `evaluate`, when set, is the method's end-of-run evaluation (`training.run` calls it instead of the kNN).
     """
 
     name: str
@@ -39,6 +40,10 @@ class Method:
     build_model: Callable[[TrainConfig], PretrainingMethod]
     schedules: Callable[[TrainConfig], dict[str, Schedule]] = field(default=_no_schedules)
     description: str = ""
+    # End-of-run evaluation of its own, replacing the default kNN of the exported backbone (e.g. zero-shot
+    # classification of a text-alignment export): `evaluate(cfg, model, accelerator, exported paths)` runs on every
+    # process after the export (paths only on the main process) and returns a JSON-able summary or None.
+    evaluate: Callable[..., dict | None] | None = None
 
 
 _METHODS: dict[str, Method] = {}

@@ -155,6 +155,7 @@ def test_trains_with_lars_and_exports_stock_resnet(tmp_path):
     assert "Barlow Twins" in card and "ResNetModel" in card
 
 
+@pytest.mark.slow
 def test_collapsed_run_is_reported(tmp_path):
     """λ = 0 and no BatchNorm on the embeddings: nothing keeps the dimensions apart; within a few dozen steps
     they become copies of each other, and the loop logs the method's warning."""
@@ -169,6 +170,7 @@ def test_collapsed_run_is_reported(tmp_path):
     assert "dimensional collapse: the embedding's dimensions are nearly copies of each other" in log
 
 
+@pytest.mark.slow
 def test_vit_with_adamw(tmp_path):
     out = tmp_path / "run"
     config = {**CONFIG, "model": VIT_SECTION, "optim": {**OPTIM, "epochs": 1, "base_lr": 5e-3}}

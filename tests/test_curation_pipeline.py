@@ -215,6 +215,7 @@ def _run_cli(argv: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "curate.py"), *argv], env=env, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_kill_mid_step_and_resume(collection, curated, tmp_path):
     """SIGKILL inside the copy-detection embedding step, re-run: finished work reused, same output."""
     root, _, model = collection

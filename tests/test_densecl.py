@@ -206,6 +206,7 @@ CONFIG = {"method": "densecl", "model": RESNET_SECTION,
                     "decay_biases_and_norms": True}}
 
 
+@pytest.mark.slow
 def test_resumes_exactly_after_sigkill_with_its_queues(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     train(CONFIG, tmp_path, f"train.output_dir={straight}")
@@ -232,6 +233,7 @@ def test_resumes_exactly_after_sigkill_with_its_queues(tmp_path):
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
 
 
+@pytest.mark.slow
 def test_resnet_export_is_stock_with_an_image_processor(tmp_path):
     from modeling.two_view import save_resnet_backbone
     from training.evaluation.features import forward_features
@@ -259,6 +261,7 @@ def test_resnet_export_is_stock_with_an_image_processor(tmp_path):
     assert torch.allclose(pooled, fmap.mean((2, 3)), atol=1e-6) and torch.allclose(mean, pooled, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_vit_variant_trains(tmp_path):
     out = tmp_path / "run"
     config = {**CONFIG, "model": VIT_SECTION, "optim": {**CONFIG["optim"], "epochs": 1}}

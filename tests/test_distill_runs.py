@@ -82,6 +82,7 @@ def teacher(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_teacher_untouched_and_absent(tmp_path, teacher):
     before = digest(teacher)
     weights_before = load_file(teacher / "model.safetensors")

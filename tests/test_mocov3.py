@@ -271,6 +271,7 @@ def test_trains_logs_and_exports_stock_dinov2(tmp_path):
     assert "MoCo v3" in card and "mocov3" in card
 
 
+@pytest.mark.slow
 def test_resnet_recipe_shape_trains_with_lars(tmp_path):
     config = {**CONFIG, "model": RESNET_SECTION, "crops": {"global_size": 32},
               "moco": {"hidden_dim": 64, "out_dim": 16, "projector_layers": 2, "predictor_last_bn": False,

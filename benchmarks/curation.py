@@ -2,6 +2,7 @@
 
     python benchmarks/curation.py sample          # images/s per step + recall per transform on the sample set
     python benchmarks/curation.py copy-dedup      # 1M synthetic 256-d embeddings, 10,000 planted pairs
+    python benchmarks/curation.py processes       # the same kNN (+ k-means) in 1 process, then in 2 (gloo)
     python benchmarks/curation.py all
 
 `sample`: real photos (scikit-image tiles) with injected exact / re-encoded / resized / cropped / flipped copies
@@ -9,6 +10,10 @@ and eval-set overlaps, run through the full pipeline offline (hashes + a tiny ra
 `copy-dedup`: copy-detection dedup exactly as the pipeline runs it (Faiss IVF index, k = 64 kNN, cosine > 0.6,
 union-find components, keep rule), reporting wall time, peak RSS, planted-pair recall and false merges.
 Targets: < 3 min, < 6 GiB, recall >= 99 %, no false merges.
+`processes`: the copy-detection kNN and the k-means of the pipeline (`index.knn_search`, `cluster.cluster_store`)
+on the same memory-mapped embeddings, first in 1 process, then sharded over `--procs` gloo processes
+(curation.distributed), each process with cores / processes Faiss threads; prints the two wall times per phase
+side by side and whether the results are identical.
 """
 
 from __future__ import annotations
@@ -142,9 +147,91 @@ def bench_copy_dedup(n: int, d: int, pairs: int, nlist: int, nprobe: int, k: int
     print(f"{'false merges':34s} {false:8d} (largest component {comp_sizes.max()})")
 
 
+def _processes_worker(rank: int, world: int, init_file: str | None, args: dict, out: str) -> None:
+    import faiss
+    import torch.distributed as dist
+
+    from curation.cluster import cluster_store
+    from curation.config import ClusterConfig, IndexConfig
+    from curation.distributed import Comm
+    from curation.embed import EmbeddingStore
+    from curation.graph import knn_edges
+    from curation.index import knn_search
+
+    faiss.omp_set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if init_file is not None:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    comm = Comm.current()
+    store = EmbeddingStore.from_array(np.load(args["data"], mmap_mode="r"))
+    cfg = IndexConfig(type=args["index"], nlist=args["nlist"], nprobe=args["nprobe"], query_batch=16_384)
+    t0 = time.time()
+    info, blocks = knn_search(store, store, args["k"], cfg, seed=0, comm=comm)
+    t_build = time.time() - t0
+    parts = [knn_edges(ids, sims, args["threshold"], start) for start, sims, ids in blocks]
+    t_search = time.time() - t0 - t_build
+    t1 = time.time()
+    km = cluster_store(store, ClusterConfig(num_clusters=args["clusters"], niter=args["niter"],
+                                            max_points_per_centroid=args["points_per_centroid"]), comm)
+    t_kmeans = time.time() - t1
+    if rank == 0:
+        a, b, sim = (np.concatenate([p[j] for p in parts]) for j in range(3))
+        order = np.lexsort((b, a))
+        assert km is not None
+        np.savez(out, a=a[order], b=b[order], sim=sim[order], labels=km.labels, centroids=km.centroids,
+                 times=np.array([t_build, t_search, t_kmeans]), train_rows=km.info["train_rows"],
+                 factory=info.factory or "")
+    if init_file is not None:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def bench_processes(n: int, d: int, pairs: int, nlist: int, nprobe: int, k: int, threshold: float, index_type: str,
+                    clusters: int, niter: int, points_per_centroid: int, procs: int) -> None:
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        t_gen = time.time()
+        x, planted = planted_embeddings(n, d, pairs)
+        np.save(root / "x.npy", x)
+        del x
+        gen_s = time.time() - t_gen
+        args = {"data": str(root / "x.npy"), "index": index_type, "nlist": nlist, "nprobe": nprobe, "k": k,
+                "threshold": threshold, "clusters": clusters, "niter": niter,
+                "points_per_centroid": points_per_centroid}
+        results, walls = {}, {}
+        for world in (1, procs):
+            out = root / f"w{world}.npz"
+            init = None if world == 1 else str(Path(tempfile.mkdtemp(dir=root, prefix="gloo_")) / "init")
+            t0 = time.time()
+            mp.spawn(_processes_worker, args=(world, init, args, str(out)), nprocs=world, join=True)
+            walls[world] = time.time() - t0
+            results[world] = dict(np.load(out))
+            b, q, c = results[world]["times"]  # printed at once: a long run killed later still reports this one
+            print(f"[{world} process(es)] build {b:.1f} s, search {q:.1f} s, k-means {c:.1f} s, wall {walls[world]:.1f} s",
+                  flush=True)
+        one, many = results[1], results[procs]
+        print(f"\nkNN + k-means in 1 vs {procs} processes: {n:,} x {d}-d fp16 embeddings ({pairs:,} planted pairs; "
+              f"generation {gen_s:.0f} s, not counted), index {one['factory']}, k = {k}, cosine > {threshold}; "
+              f"k-means {clusters} clusters on {int(one['train_rows']):,} rows, {niter} iterations; "
+              f"{os.cpu_count()} cores, Faiss threads = cores / processes")
+        print(f"{'phase':34s} {'1 process':>10s} {f'{procs} processes':>12s}")
+        names = ["index build (train + add)", "kNN search + merge + threshold", "k-means (train + assign all)"]
+        for name, a, b in zip(names, one["times"], many["times"]):
+            print(f"{name:34s} {a:9.1f}s {b:11.1f}s")
+        print(f"{'wall incl. process start':34s} {walls[1]:9.1f}s {walls[procs]:11.1f}s")
+        same_edges = all(np.array_equal(one[c], many[c]) for c in ("a", "b", "sim"))
+        for world, r in ((1, one), (procs, many)):
+            key = set(zip(r["a"].tolist(), r["b"].tolist()))
+            found = np.mean([(int(s), int(t)) in key or (int(t), int(s)) in key for s, t in planted])
+            print(f"{world} process(es): {len(r['a']):,} edges, planted-pair recall {found:.2%}")
+        print(f"identical edges: {same_edges}; identical k-means labels: {np.array_equal(one['labels'], many['labels'])}, "
+              f"centroids: {np.array_equal(one['centroids'], many['centroids'])}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["sample", "copy-dedup", "all"])
+    parser.add_argument("what", choices=["sample", "copy-dedup", "processes", "all"])
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--pairs", type=int, default=10_000)
@@ -156,11 +243,18 @@ def main() -> None:
     parser.add_argument("--distinct", type=int, default=200)
     parser.add_argument("--copies", type=int, default=20)
     parser.add_argument("--tiny-threshold", type=float, default=0.99995)
+    parser.add_argument("--procs", type=int, default=2, help="processes: the multi-process run")
+    parser.add_argument("--clusters", type=int, default=1024, help="processes: k-means clusters")
+    parser.add_argument("--niter", type=int, default=20, help="processes: k-means iterations")
+    parser.add_argument("--points-per-centroid", type=int, default=64, help="processes: k-means subsample")
     args = parser.parse_args()
     if args.what in ("sample", "all"):
         bench_sample(args.distinct, args.copies, args.tiny_threshold)
     if args.what in ("copy-dedup", "all"):
         bench_copy_dedup(args.n, args.dim, args.pairs, args.nlist, args.nprobe, args.k, args.threshold, args.index)
+    if args.what in ("processes", "all"):
+        bench_processes(args.n, args.dim, args.pairs, args.nlist, args.nprobe, args.k, args.threshold, args.index,
+                        args.clusters, args.niter, args.points_per_centroid, args.procs)
 
 
 if __name__ == "__main__":

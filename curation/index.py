@@ -3,6 +3,7 @@
 Exact `IndexFlatIP` up to `index.flat_max_rows` rows; above it an IVF index (`ivf`: IVF-Flat, `ivfpq`: IVF-PQ
 for when even fp32 vectors do not fit in RAM). GPU when faiss sees one (faiss-gpu build), CPU otherwise.
 Vectors are streamed from the on-disk store block by block, so only the index itself lives in RAM.
+Under torch.distributed `knn_search` shards the database over the ranks and merges the top-k exactly.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from .common import require_faiss
 from .config import IndexConfig
+from .distributed import Comm, canonical_ties, merge_topk, pad_columns, shard_bounds, to_rank_gpu
 from .embed import EmbeddingStore
 
 
@@ -71,8 +74,8 @@ def factory_string(kind: str, n: int, d: int, cfg: IndexConfig) -> tuple[str, in
     }[kind], nlist
 
 
-def build_index(store: EmbeddingStore, cfg: IndexConfig, seed: int = 0):
-    """Index of every row of `store` (row i of the store = id i in the index); returns (index, info)."""
+def trained_index(store: EmbeddingStore, cfg: IndexConfig, seed: int = 0) -> tuple[Any, IndexInfo]:
+    """The empty CPU index for the rows of `store` (IVF kinds trained on a seeded sample of them), and its info."""
     faiss = require_faiss()
 
     n, d = store.n, store.dim
@@ -91,15 +94,30 @@ def build_index(store: EmbeddingStore, cfg: IndexConfig, seed: int = 0):
         if hasattr(ivf, "pq"):
             ivf.pq.cp.niter = cfg.train_niter
         index.train(store.take(sample))
-        ivf.nprobe = min(cfg.nprobe, nlist)
-        if hasattr(index, "k_factor"):
-            index.k_factor = cfg.refine_k_factor
-        info.nlist, info.nprobe, info.train_rows = nlist, ivf.nprobe, train_rows
+        info.nlist, info.nprobe, info.train_rows = nlist, min(cfg.nprobe, nlist), train_rows
+    _search_params(index, info, cfg)
     info.factory = spec
     info.rerank_from_store = kind == "ivfpq"
-    if gpu:
+    info.gpu = gpu
+    return index, info
+
+
+def _search_params(index: Any, info: IndexInfo, cfg: IndexConfig) -> None:
+    faiss = require_faiss()
+
+    if info.nprobe is not None:
+        faiss.downcast_index(faiss.extract_index_ivf(index)).nprobe = info.nprobe
+    if hasattr(index, "k_factor"):
+        index.k_factor = cfg.refine_k_factor
+
+
+def build_index(store: EmbeddingStore, cfg: IndexConfig, seed: int = 0) -> tuple[Any, IndexInfo]:
+    """Index of every row of `store` (row i of the store = id i in the index); returns (index, info)."""
+    faiss = require_faiss()
+
+    index, info = trained_index(store, cfg, seed)
+    if info.gpu:
         index = faiss.index_cpu_to_all_gpus(index)
-        info.gpu = True
     for _, block in store.blocks(cfg.query_batch * 4):
         index.add(block)
     return index, info
@@ -123,7 +141,72 @@ def search_blocks(index, queries: EmbeddingStore, k: int, batch: int, rerank: Em
         sims, ids = index.search(block, kk)
         if rerank is not None:
             sims, ids = _rerank(block, ids, rerank, k)
-        yield start, sims, ids
+        yield start, *canonical_ties(sims, ids)
+
+
+def knn_search(store: EmbeddingStore, queries: EmbeddingStore, k: int, cfg: IndexConfig, seed: int = 0,
+               comm: Comm | None = None) -> tuple[IndexInfo, Iterator[tuple[int, np.ndarray, np.ndarray]]]:
+    """The k nearest rows of `store` for every row of `queries`: (index info, blocks of (first query row, sims
+    [b, k], ids [b, k])). The one entry point of the graph steps' kNN.
+
+    One process (`comm` None): `build_index` + `search_blocks`. Under torch.distributed the rows of `store` are
+    sharded over the ranks (`distributed.shard_bounds`); IVF kinds are trained once, on the main process, exactly
+    as in one process, and the trained empty index is broadcast; each rank adds its rows, searches every query
+    block, and the main process merges the per-shard top-k exactly (`distributed.merge_topk`). Every rank must
+    iterate the blocks (each holds a gather); only the main process receives any. A flat index (and IVF-Flat,
+    whose scan does not depend on the partition) then gives what one process gives; PQ kinds re-rank each shard's
+    own top k * refine_k_factor, a superset of the one-process candidates.
+    """
+    if comm is None:
+        index, info = build_index(store, cfg, seed)
+        return info, search_blocks(index, queries, k, cfg.query_batch, rerank_store(info, store),
+                                   cfg.refine_k_factor)
+    return _sharded_knn(store, queries, k, cfg, seed, comm)
+
+
+def _shard_align(cfg: IndexConfig) -> int:
+    """Shard boundaries on multiples of Faiss' BLAS database block and of the add block, so every BLAS call
+    a shard makes is one the single index makes too (same bits, given the same BLAS threads)."""
+    faiss = require_faiss()
+
+    return math.lcm(int(faiss.cvar.distance_compute_blas_database_bs), cfg.query_batch * 4)
+
+
+def _sharded_knn(store: EmbeddingStore, queries: EmbeddingStore, k: int, cfg: IndexConfig, seed: int, comm: Comm,
+                 ) -> tuple[IndexInfo, Iterator[tuple[int, np.ndarray, np.ndarray]]]:
+    faiss = require_faiss()
+
+    bounds = shard_bounds(store.n, comm.world, _shard_align(cfg))
+    lo, hi = int(bounds[comm.rank]), int(bounds[comm.rank + 1])
+    payload = None
+    if comm.is_main:
+        index, info = trained_index(store, cfg, seed)
+        payload = (info, faiss.serialize_index(index))
+    info, blob = comm.broadcast_object(payload)
+    index = faiss.deserialize_index(blob)
+    _search_params(index, info, cfg)
+    if info.gpu:
+        index = to_rank_gpu(index, comm)
+    shard = store.subset(np.arange(lo, hi))
+    for _, block in shard.blocks(cfg.query_batch * 4):
+        index.add(block)
+    kk = max(1, min(k, store.n))
+
+    def blocks() -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        local = (search_blocks(index, queries, kk, cfg.query_batch, rerank_store(info, shard), cfg.refine_k_factor)
+                 if hi > lo else None)
+        for start in range(0, queries.n, cfg.query_batch):
+            rows = min(cfg.query_batch, queries.n - start)
+            sims, ids = np.zeros((rows, 0), np.float32), np.zeros((rows, 0), np.int64)
+            if local is not None:
+                _, sims, ids = next(local)
+                ids = np.where(ids >= 0, ids + lo, -1)
+            sims, ids = pad_columns(sims, ids, rows, kk)
+            all_sims, all_ids = comm.gather(sims), comm.gather(ids)
+            if all_sims is not None and all_ids is not None:
+                yield start, *merge_topk(all_sims, all_ids, kk)
+
+    return info, blocks()
 
 
 def _rerank(queries: np.ndarray, ids: np.ndarray, store: EmbeddingStore, k: int, sub: int = 256,

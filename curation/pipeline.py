@@ -33,9 +33,10 @@ import pyarrow.parquet as pq
 
 from training.config import save_config
 
-from .cluster import KMeansResult, cluster_store
+from .cluster import KMEANS_ALGORITHM, KMeansResult, cluster_store
 from .common import CurationError, DistState, StepCache, fingerprint, kill_point, read_json, write_json
 from .config import CurateConfig, SourceConfig
+from .distributed import Comm
 from .embed import EmbeddingStore, EmbedSpec, ModelRef, embed_dataset, resolve_model
 from .graph import (
     contaminated_components,
@@ -47,7 +48,7 @@ from .graph import (
     knn_edges,
     phash_edges,
 )
-from .index import build_index, rerank_store, search_blocks
+from .index import knn_search
 from .ingest import check_sources, ingest_all
 from .outdir import OutputDir
 from .output import (
@@ -143,6 +144,9 @@ class Pipeline:
     def __init__(self, cfg: CurateConfig):
         self.cfg = cfg
         self.dist = DistState()
+        # accelerate has initialised torch.distributed when launched with N > 1 processes: the kNN and k-means
+        # steps then run on every rank (curation.distributed), the rest on the main process.
+        self.comm = Comm.current() if self.dist.world_size > 1 else None
         self.out = Path(cfg.output.dir)
         self.outdir = OutputDir(self.out)
         self.cache = self.out / "cache"
@@ -185,6 +189,14 @@ class Pipeline:
         valid._fingerprint = fingerprint(key, "valid")
         return valid, invalid
 
+    def collective(self, name: str, key: str, job: Callable[[], Any]) -> Any:
+        """`job()` on every rank unless step (name, key) is finished (the main process decides, so all ranks run
+        the same collectives); its result on the main process, which then computes the step."""
+        done = self.steps.done(name, key)
+        if self.comm is not None:
+            done = self.comm.broadcast_object(done)
+        return None if done else job()
+
     def embed(self, ds: datasets.Dataset, key: str, spec: EmbedSpec, name: str) -> EmbeddingStore:
         store, cached = embed_dataset(ds, key, spec, self.cache, self.dist, name)
         self.steps.log.append({"step": f"{name}_embed", "key": key, "cached": cached})
@@ -194,12 +206,16 @@ class Pipeline:
 
     def dedup_stage(self, name: str, key: str, alive: np.ndarray,
                     edges: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray | None]],
-                    reason: Callable[[float], str]) -> np.ndarray:
-        """Run one graph dedup over the alive rows; update the global representatives; return new alive."""
+                    reason: Callable[[float], str], collective: bool = False) -> np.ndarray:
+        """Run one graph dedup over the alive rows; update the global representatives; return new alive.
+
+        `collective`: `edges` is a collective (distributed kNN) run by every rank before the step; the components
+        are computed from the merged graph on the main process."""
         t0 = time.time()
+        graph = self.collective(name, key, lambda: edges(alive)) if collective else None
 
         def compute(folder: Path) -> None:
-            a, b, w = edges(alive)
+            a, b, w = graph if collective else edges(alive)
             res = dedup_from_edges(len(alive), a, b, self.area[alive], self.rank[alive], w)
             removed = res.removed
             np.save(folder / "rep.npy", alive[res.rep])
@@ -304,17 +320,17 @@ class Pipeline:
         self.record("copy_detection_embed", len(alive), len(alive), time.time() - t0)
         c = cfg.dedup.copy_detection
 
-        def cd_edges(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            index, info = build_index(store, cfg.index, cfg.seed)
+        def cd_edges(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+            info, blocks = knn_search(store, store, c.k, cfg.index, cfg.seed, self.comm)
             self.extra["copy_detection_index"] = info.as_dict()
-            parts = [knn_edges(ids, sims, c.threshold, start)
-                     for start, sims, ids in search_blocks(index, store, c.k, cfg.index.query_batch,
-                                                           rerank_store(info, store), cfg.index.refine_k_factor)]
+            parts = [knn_edges(ids, sims, c.threshold, start) for start, sims, ids in blocks]
+            if self.comm is not None and not self.comm.is_main:
+                return None  # the merged blocks went to the main process
             return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
 
         key = fingerprint("copy", cd_key, spec.identity(), c.k, c.threshold, dataclasses.asdict(cfg.index))
         alive = self.dedup_stage("copy_dedup", key, alive, cd_edges,
-                                 lambda s: f"near_duplicate: cosine {s:.4f} > {c.threshold}")
+                                 lambda s: f"near_duplicate: cosine {s:.4f} > {c.threshold}", collective=True)
         return alive, cd_rows, store
 
     def retrieval_embeddings(self, V: datasets.Dataset, alive: np.ndarray, cd_rows: np.ndarray,
@@ -358,9 +374,24 @@ class Pipeline:
                           dc_spec.identity() if dc_spec else None, cfg.decontaminate.threshold,
                           cfg.decontaminate.k, cfg.dedup.exact, cfg.dedup.phash_max_distance)
 
+        ev_ids = ev_meta["id"]
+
+        def embedding_hits() -> list[tuple[int, str, str]]:
+            """Eval images searched in the index of the embedded rows (collective: every rank runs it)."""
+            hits: list[tuple[int, str, str]] = []
+            if dc_store is None or ev_store is None:
+                return hits
+            _, blocks = knn_search(dc_store, ev_store, cfg.decontaminate.k, cfg.index, cfg.seed, self.comm)
+            for start, sims, ids in blocks:
+                q, j = np.nonzero((sims > cfg.decontaminate.threshold) & (ids >= 0))
+                hits += [(int(cd_rows[ids[a, b]]), ev_ids[start + a], f"cosine {sims[a, b]:.4f} > {cfg.decontaminate.threshold}")
+                         for a, b in zip(q, j)]
+            return hits
+
+        emb_hits = self.collective("decontaminate", key, embedding_hits)
+
         def compute(folder: Path) -> None:
             hits: list[tuple[int, str, str]] = []  # (V row, eval id, how)
-            ev_ids = ev_meta["id"]
             if cfg.dedup.exact and len(ev_ids):
                 where = {h: i for i, h in enumerate(ev_meta["sha256"])}
                 for row in np.nonzero(np.isin(sha, list(where)))[0]:
@@ -371,13 +402,7 @@ class Pipeline:
                     qi, rows, dist = hamming_pairs(phash, dmax, queries=queries)
                     hits += [(int(r), ev_ids[q], f"pHash distance {int(dd)} <= {dmax}")
                              for q, r, dd in zip(qi, rows, dist)]
-            if dc_store is not None and ev_store is not None:
-                index, info = build_index(dc_store, cfg.index, cfg.seed)
-                for start, sims, ids in search_blocks(index, ev_store, cfg.decontaminate.k, cfg.index.query_batch,
-                                                      rerank_store(info, dc_store), cfg.index.refine_k_factor):
-                    q, j = np.nonzero((sims > cfg.decontaminate.threshold) & (ids >= 0))
-                    hits += [(int(cd_rows[ids[a, b]]), ev_ids[start + a], f"cosine {sims[a, b]:.4f} > {cfg.decontaminate.threshold}")
-                             for a, b in zip(q, j)]
+            hits += emb_hits
             hit_rows = np.array([h[0] for h in hits], dtype=np.int64)
             reps = contaminated_components(self.rep, hit_rows)
             reps = reps[np.isin(reps, alive)]
@@ -403,13 +428,16 @@ class Pipeline:
         cfg = self.cfg
         t0 = time.time()
 
+        self.cluster_key = fingerprint("cluster", key, dataclasses.asdict(cfg.cluster), KMEANS_ALGORITHM)
+        result = self.collective("cluster", self.cluster_key, lambda: cluster_store(store, cfg.cluster, self.comm))
+
         def compute(folder: Path) -> None:
-            km = cluster_store(store, cfg.cluster)
+            km = result
+            assert km is not None  # computed by the collective job (on this, the main process)
             np.savez(folder / "kmeans.npz", centroids=km.centroids, labels=km.labels,
                      **{f"parent{i}": p for i, p in enumerate(km.parents)})
             write_json(folder / "info.json", km.info)
 
-        self.cluster_key = fingerprint("cluster", key, dataclasses.asdict(cfg.cluster))
         folder = self.steps.run("cluster", self.cluster_key, compute)
         data = np.load(folder / "kmeans.npz")
         parents = [data[f"parent{i}"] for i in range(len(data.files) - 2)]

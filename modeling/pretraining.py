@@ -59,6 +59,7 @@ class DinoPretrainingConfig(PretrainedConfig):
         center_momentum: float = 0.9,
         sinkhorn_iterations: int = 3,
         collapse_patience: int = 100,
+        collapse_entropy_fraction: float = 0.98,
         initializer_range: float = 0.02,
         **kwargs,
     ):
@@ -85,6 +86,8 @@ class DinoPretrainingConfig(PretrainedConfig):
         self.center_momentum = center_momentum
         self.sinkhorn_iterations = sinkhorn_iterations
         self.collapse_patience = collapse_patience  # steps a collapse signal must last before it is reported
+        # targets count as near-uniform above this fraction of log K (small sets: ~0.88, docs/small_data.md)
+        self.collapse_entropy_fraction = collapse_entropy_fraction
         self.initializer_range = initializer_range
         super().__init__(**kwargs)
         if not separate_ibot_head and self.ibot_num_prototypes != num_prototypes:
@@ -367,11 +370,12 @@ class DinoForPretraining(DinoVisionPreTrainedModel, PretrainingMethod):
 
     def health(self, metrics: dict[str, float]) -> list[str]:
         """Teacher collapse lasting `collapse_patience` steps: every image of the batch on one prototype, or
-        near-uniform targets (entropy > 98 % of its maximum). The warning names the likely causes and the keys."""
+        near-uniform targets (entropy above `collapse_entropy_fraction` of its maximum). The warning names the likely
+        causes and the keys."""
         uniform = math.log(self.config.num_prototypes)
         signals = {
             "one_prototype": metrics.get("teacher_prototypes_used", 2) <= 1,
-            "uniform": metrics.get("teacher_entropy", 0.0) > 0.98 * uniform,
+            "uniform": metrics.get("teacher_entropy", 0.0) > self.config.collapse_entropy_fraction * uniform,
         }
         step = int(metrics.get("step", 0))
         since = self.__dict__.setdefault("_collapse_since", {})  # plain attribute: not state, not saved

@@ -209,3 +209,13 @@ def test_collapse_warning_waits_for_its_patience_and_names_the_keys():
     model.health({"step": 60, **one})
     assert "one prototype for 20 steps" in model.health({"step": 80, **one})[0]
     assert "teacher.momentum" in model.health({"step": 80, **one})[0]
+
+
+def test_near_uniform_threshold_is_configurable():
+    uniform = math.log(tiny_config().num_prototypes)
+    at_090 = {"teacher_entropy": 0.90 * uniform, "teacher_prototypes_used": 30}
+    default = DinoForPretraining(tiny_config(collapse_patience=0))
+    assert default.health({"step": 5, **at_090}) == []  # 0.98 by default: full-size warm-ups are high-entropy
+    small = DinoForPretraining(tiny_config(collapse_patience=0, collapse_entropy_fraction=0.88))
+    warning = small.health({"step": 5, **at_090})
+    assert len(warning) == 1 and "near-uniform" in warning[0]

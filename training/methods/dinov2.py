@@ -56,6 +56,10 @@ class TeacherConfig:
     temp_warmup_epochs: int = field(default=30, metadata=check(ge=0))
     # steps a collapse signal (near-uniform or one-prototype targets) must last before the warning
     collapse_patience: int = field(default=100, metadata=check(ge=0))
+    # entropy of the targets, as a fraction of log(prototypes), above which they count as near-uniform. 0.98 is
+    # safe for full-size runs (early warm-up is high-entropy); on small sets runs that learned nothing sat at
+    # 0.90-0.97 while the learning quickstart ends at 0.84 (docs/small_data.md)
+    collapse_entropy_fraction: float = field(default=0.98, metadata=check(gt=0, le=1))
 
 
 @dataclass
@@ -89,6 +93,7 @@ def pretraining_config(cfg: DinoV2TrainConfig, backbone: DinoVisionConfig) -> Di
         student_temp=loss.student_temp,
         center_momentum=loss.center_momentum,
         collapse_patience=cfg.teacher.collapse_patience,
+        collapse_entropy_fraction=cfg.teacher.collapse_entropy_fraction,
     )
 
 

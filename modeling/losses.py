@@ -456,5 +456,6 @@ __all__ += [
     "clip_loss",
     "densecl_loss",
     "gather_rows",
+    "moco_v3_loss",
     "off_diagonal",
 ]

@@ -13,19 +13,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from modeling.convert import IMAGENET_MEAN, IMAGENET_STD
+from modeling.convert import dinov2_image_processor
 
 
 def default_image_processor(image_size: int = 224) -> Any:
-    """DINOv2 evaluation preprocessing: resize shortest edge to 256/224·size (bicubic), center crop, ImageNet norm."""
-    from transformers import BitImageProcessor
-
-    return BitImageProcessor(
-        do_resize=True, size={"shortest_edge": int(round(image_size * 256 / 224))}, resample=3,
-        do_center_crop=True, crop_size={"height": image_size, "width": image_size},
-        do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-        image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD), do_convert_rgb=True,
-    )
+    """DINOv2 evaluation preprocessing: resize shortest edge to 256/224·size (bicubic), center crop, ImageNet norm
+    (the released models' processor, scaled to `image_size`)."""
+    return dinov2_image_processor(crop_size=image_size, resize_size=int(round(image_size * 256 / 224)))
 
 
 def with_image_size(processor: Any, image_size: int) -> Any:

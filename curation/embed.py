@@ -74,7 +74,11 @@ def resolve_model(name: str, config_key: str) -> ModelRef:
 
 
 class Embedder:
-    """AutoModel + AutoImageProcessor -> L2-normalised float32 vectors (CLS / pooler, or mean of patches)."""
+    """AutoModel + AutoImageProcessor -> L2-normalised float32 vectors (CLS / pooler, or mean of patches).
+
+    A folder exported by `method: copy_detection` also carries its descriptor head (`copy_descriptor.json` +
+    `.safetensors`, `modeling.copy_detection`): then the vectors are that descriptor (GeM or CLS pooling +
+    projection) and `pooling` is ignored."""
 
     def __init__(self, ref: ModelRef, pooling: str = "cls", device: str = "cpu", compute_dtype: str = "float32"):
         import torch
@@ -89,7 +93,14 @@ class Embedder:
             self.processor = AutoImageProcessor.from_pretrained(ref.path)
         except (OSError, ValueError):  # no preprocessor_config.json: DINOv2-style default below
             self.processor = None
-        self.dim = int(getattr(self.model.config, "hidden_size", 0) or self.model.config.projection_dim)
+        from modeling.copy_detection import load_copy_descriptor
+
+        self.descriptor = load_copy_descriptor(ref.path)
+        if self.descriptor is not None:
+            self.descriptor = self.descriptor.to(device=device)
+            self.dim = self.descriptor.dim
+        else:
+            self.dim = int(getattr(self.model.config, "hidden_size", 0) or self.model.config.projection_dim)
 
     def _pixels(self, images: list) -> Any:
         torch = self.torch
@@ -107,7 +118,9 @@ class Embedder:
         with torch.inference_mode():
             pixels = self._pixels(images).to(self.device, self.dtype)
             out = self.model(pixel_values=pixels)
-            if self.pooling == "mean" and getattr(out, "last_hidden_state", None) is not None:
+            if self.descriptor is not None:
+                feats = self.descriptor(out, normalize=False)
+            elif self.pooling == "mean" and getattr(out, "last_hidden_state", None) is not None:
                 feats = out.last_hidden_state[:, 1:].mean(dim=1)
             elif getattr(out, "pooler_output", None) is not None:
                 feats = out.pooler_output

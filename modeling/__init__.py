@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
 
 from . import convert, losses
 from .barlow_twins import BarlowTwinsConfig, BarlowTwinsForPretraining
+from .copy_detection import CopyDetectionConfig, CopyDetectionForPretraining
 from .densecl import DenseCLConfig, DenseCLForPretraining
 from .distillation import DistillDinoConfig, DistillDinoForPretraining
 from .dual_encoder import DualEncoderConfig, DualEncoderModel
@@ -26,7 +27,8 @@ AutoModel.register(DinoPretrainingConfig, DinoForPretraining, exist_ok=True)
 AutoModelForPreTraining.register(DinoPretrainingConfig, DinoForPretraining, exist_ok=True)
 for _config, _model in ((MoCoV3Config, MoCoV3ForPretraining), (BarlowTwinsConfig, BarlowTwinsForPretraining),
                         (DenseCLConfig, DenseCLForPretraining), (TextAlignmentConfig, TextAlignmentForPretraining),
-                        (GroundingConfig, GroundingForPretraining)):
+                        (GroundingConfig, GroundingForPretraining),
+                        (CopyDetectionConfig, CopyDetectionForPretraining)):
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     AutoModel.register(_config, _model, exist_ok=True)
     AutoModelForPreTraining.register(_config, _model, exist_ok=True)
@@ -49,6 +51,8 @@ DualEncoderModel.register_for_auto_class("AutoModel")
 __all__ = [
     "BarlowTwinsConfig",
     "BarlowTwinsForPretraining",
+    "CopyDetectionConfig",
+    "CopyDetectionForPretraining",
     "DenseCLConfig",
     "DenseCLForPretraining",
     "DinoForPretraining",

@@ -1,5 +1,5 @@
 """Contrastive and redundancy-reduction objectives: MoCo v3, Barlow Twins, DenseCL (two views, BatchNorm
-projectors, momentum keys) and CLIP-style image-text alignment, as plain functions.
+projectors, momentum keys), CLIP-style image-text alignment and SSCD copy detection, as plain functions.
 
 Each reproduces its reference (moco-v3 `contrastive_loss`, barlowtwins `BarlowTwins.forward`, DenseCL
 `DenseCLNeck`/head, open_clip `ClipLoss`) to within fp32 rounding, including under ``torch.distributed``.
@@ -20,6 +20,7 @@ __all__ = [
     "barlow_twins_loss",
     "barlow_twins_loss_from_correlation",
     "clip_loss",
+    "copy_detection_infonce_loss",
     "densecl_loss",
     "gather_rows",
     "moco_v3_loss",
@@ -273,3 +274,27 @@ def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale
     logits_per_image = logit_scale * all_images @ all_texts.T
     labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.T, labels)) / 2
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Copy detection (SSCD, Pizzi et al. 2022): InfoNCE over the two edited views of every image of the global batch
+# --------------------------------------------------------------------------------------------------------------
+
+
+def copy_detection_infonce_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
+    """SSCD's InfoNCE (SimCLR's NT-Xent): each of the 2B descriptors of this process is scored against every other
+    descriptor of the global batch (both views of every process, gathered *with* gradient, itself excluded); its
+    positive is the other view of the same image. ``z1``, ``z2`` ``[B, D]`` (L2-normalised here). Each process
+    averages over its own 2B rows, so DDP's gradient average is the gradient of the global mean."""
+    if z1.ndim != 2 or z1.shape != z2.shape:
+        raise ValueError(f"the two views' descriptors must both be [B, D], got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
+    all1, offset = all_gather_with_grad(z1)
+    all2, _ = all_gather_with_grad(z2)
+    n, b = all1.shape[0], z1.shape[0]
+    logits = torch.cat((z1, z2)) @ torch.cat((all1, all2)).T / temperature
+    rows = torch.arange(b, device=z1.device) + offset
+    own = torch.cat((rows, rows + n))  # column of each local row itself ...
+    positive = torch.cat((rows + n, rows))  # ... and of its other view
+    logits[torch.arange(2 * b, device=z1.device), own] = float("-inf")
+    return F.cross_entropy(logits, positive)

@@ -406,32 +406,6 @@ def feature_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind
 __all__ += ["feature_distillation_loss"]
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Copy detection (SSCD, Pizzi et al. 2022): InfoNCE over the two edited views of every image of the global batch
-# --------------------------------------------------------------------------------------------------------------
-
-
-def copy_detection_infonce_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
-    """SSCD's InfoNCE (SimCLR's NT-Xent): each of the 2B descriptors of this process is scored against every other
-    descriptor of the global batch (both views of every process, gathered *with* gradient, itself excluded); its
-    positive is the other view of the same image. ``z1``, ``z2`` ``[B, D]`` (L2-normalised here). Each process
-    averages over its own 2B rows, so DDP's gradient average is the gradient of the global mean."""
-    if z1.ndim != 2 or z1.shape != z2.shape:
-        raise ValueError(f"the two views' descriptors must both be [B, D], got {tuple(z1.shape)} and {tuple(z2.shape)}")
-    z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
-    all1, offset = all_gather_with_grad(z1)
-    all2, _ = all_gather_with_grad(z2)
-    n, b = all1.shape[0], z1.shape[0]
-    logits = torch.cat((z1, z2)) @ torch.cat((all1, all2)).T / temperature
-    rows = torch.arange(b, device=z1.device) + offset
-    own = torch.cat((rows, rows + n))  # column of each local row itself ...
-    positive = torch.cat((rows + n, rows))  # ... and of its other view
-    logits[torch.arange(2 * b, device=z1.device), own] = float("-inf")
-    return F.cross_entropy(logits, positive)
-
-
-__all__ += ["copy_detection_infonce_loss"]
-
 
 # The contrastive family lives in its own file (one job each); its names stay importable from here.
 from .contrastive_losses import (  # noqa: E402
@@ -441,6 +415,7 @@ from .contrastive_losses import (  # noqa: E402
     barlow_twins_loss,
     barlow_twins_loss_from_correlation,
     clip_loss,
+    copy_detection_infonce_loss,
     densecl_loss,
     gather_rows,
     moco_v3_loss,
@@ -454,6 +429,7 @@ __all__ += [
     "barlow_twins_loss",
     "barlow_twins_loss_from_correlation",
     "clip_loss",
+    "copy_detection_infonce_loss",
     "densecl_loss",
     "gather_rows",
     "moco_v3_loss",

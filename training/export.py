@@ -108,6 +108,10 @@ def export_run(model: nn.Module, out_dir: str | Path, run: dict[str, Any] | None
         if is_backbone_export(name):
             paths[name] = save_backbone(module, folder)
             (folder / "README.md").write_text(render_model_card(model, module, run or {}, results))
+            # Files a method keeps beside a backbone (e.g. copy detection's descriptor head).
+            extras = getattr(model, "export_extras", None)
+            if extras is not None:
+                extras(name, folder)
         else:
             module.save_pretrained(folder)
             paths[name] = folder

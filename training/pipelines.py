@@ -130,6 +130,30 @@ def _two_views(options: dict[str, Any], cfg: TrainConfig, dataset: Any, *, rank:
 register_pipeline("two_views", _two_views)
 
 
+# ---- copy edits (copy detection) --------------------------------------------------------------------------------
+
+
+def _copy_edits(options: dict[str, Any], cfg: TrainConfig, dataset: Any, *, rank: int, world_size: int) -> DataLoader:
+    """Two strongly edited copies per image: batches `{"view1", "view2"}` `[B, 3, S, S]` (`training/data/copy_edits.py`),
+    S = `crops.global_size`, the edits from the method's `edits` section. Option: `patch_size` (a ViT's)."""
+    from .data.copy_edits import CopyEditAugmentation, CopyEditsConfig, build_copy_edit_loader
+
+    size, patch = cfg.crops.global_size, options.get("patch_size")
+    if patch and size % patch:
+        raise ValueError(f"crops.global_size={size} (the view size) is not a multiple of the patch size {patch}: use "
+                         f"{size // patch * patch} or {(size // patch + 1) * patch}")
+    edits = getattr(cfg, "edits", None) or CopyEditsConfig()
+    return build_copy_edit_loader(
+        dataset, CopyEditAugmentation(size, edits), cfg.optim.batch_size, edits.mix_probability,
+        image_column=cfg.data.image_column, seed=cfg.train.seed, num_replicas=world_size, rank=rank,
+        num_workers=cfg.data.num_workers, shuffle_buffer_size=cfg.data.shuffle_buffer,
+        allow_paths=True if cfg.data.allow_local_paths else None,
+    )
+
+
+register_pipeline("copy_edits", _copy_edits)
+
+
 # ---- image + text (text alignment: LiT, dino.txt) ---------------------------------------------------------------
 
 

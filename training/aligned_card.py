@@ -11,7 +11,14 @@ from huggingface_hub import ModelCard, ModelCardData
 from model_cards import is_hub_id, public_name
 
 from .config import to_dict
-from .model_card import EVAL_BEGIN, EVAL_END, eval_results_from_results, evaluation_markdown, parse_results
+from .model_card import (
+    EVAL_BEGIN,
+    EVAL_END,
+    TRAINING_AND_EVALUATION,
+    eval_results_from_results,
+    evaluation_markdown,
+    parse_results,
+)
 
 TEMPLATE = """---
 {{ card_data }}
@@ -28,20 +35,7 @@ classifier = pipeline("zero-shot-image-classification", model="{{ repo_id }}"{{ 
 classifier(image, candidate_labels=["a photo of a cat", "a photo of a dog"])
 ```
 
-## Training
-
-| | |
-|---|---|
-| recipe | `{{ config_name }}` |
-| data | {{ dataset }} |
-| optimizer steps | {{ steps }} |
-{% for label, value in rows %}| {{ label }} | {{ value }} |
-{% endfor %}| seed | {{ seed }} |
-
-## Evaluation
-
-{{ evaluation }}
-"""
+""" + TRAINING_AND_EVALUATION
 
 NO_EVALUATION = ("No zero-shot evaluation was run for this export. Run `python probe.py --zero_shot --model "
                  "path/to/aligned --dataset <labelled dataset> --output_dir probe --update_model_card`.")

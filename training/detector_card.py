@@ -11,7 +11,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from model_cards import is_hub_id, public_name
 
 from .config import to_dict
-from .model_card import EVAL_BEGIN, EVAL_END
+from .model_card import EVAL_BEGIN, EVAL_END, TRAINING_AND_EVALUATION
 
 TEMPLATE = """---
 {{ card_data }}
@@ -31,20 +31,7 @@ detector(image, candidate_labels=["circle", "star"])
 
 Prompts are phrases; for several at once, separate them with " ." (`"circle . star ."`), as Grounding DINO does.
 
-## Training
-
-| | |
-|---|---|
-| recipe | `{{ config_name }}` |
-| data | {{ dataset }} |
-| optimizer steps | {{ steps }} |
-{% for label, value in rows %}| {{ label }} | {{ value }} |
-{% endfor %}| seed | {{ seed }} |
-
-## Evaluation
-
-{{ evaluation }}
-"""
+""" + TRAINING_AND_EVALUATION
 
 
 def _evaluation(results: dict | None) -> str:

@@ -41,6 +41,23 @@ TAGS = ["dinov2", "dinoforge", "self-supervised-learning", "vision"]
 # The card's Evaluation section sits between these markers, so `update_model_card` can replace it.
 EVAL_BEGIN = "<!-- dinoforge:evaluation:begin -->"
 EVAL_END = "<!-- dinoforge:evaluation:end -->"
+
+# The training table and evaluation block shared by the cards of the method-specific exports (aligned/, detector/).
+TRAINING_AND_EVALUATION = """## Training
+
+| | |
+|---|---|
+| recipe | `{{ config_name }}` |
+| data | {{ dataset }} |
+| optimizer steps | {{ steps }} |
+{% for label, value in rows %}| {{ label }} | {{ value }} |
+{% endfor %}| seed | {{ seed }} |
+
+## Evaluation
+
+{{ evaluation }}
+"""
+
 USAGE_PLACEHOLDER = "path/to/backbone"
 # The training metrics a card shows (in this order, when logged), besides every "*_loss" term.
 _METRIC_KEYS = ("step", "loss")

@@ -164,18 +164,7 @@ def gather_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(rows of every process concatenated in rank order, index of this process's first row), without gradient
     (the official ``concat_all_gather``). Processes may hold different numbers of rows (e.g. a batch that lost an
     undecodable image); the official code assumes equal ones."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor, 0
-    world, rank = dist.get_world_size(), dist.get_rank()
-    sizes = torch.zeros(world, dtype=torch.long, device=tensor.device)
-    sizes[rank] = tensor.shape[0]
-    dist.all_reduce(sizes)
-    counts = sizes.tolist()
-    padded = tensor.detach().new_zeros((max(counts), *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor.detach()
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([p[:n] for p, n in zip(parts, counts)]), sum(counts[:rank])
+    return all_gather_with_grad(tensor.detach())  # the same gather; a detached input has no backward
 
 
 def all_reduce_with_grad(tensor: torch.Tensor) -> torch.Tensor:

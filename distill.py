@@ -25,21 +25,15 @@ def main(argv: list[str]) -> None:
 
     from training.config import ConfigError, load_config, peek
     from training.methods import get_method
-    from training.run import USER_ERRORS, run
+    from training.run import run_cli
 
-    has_config = any(a == "--config" or a.startswith("--config=") for a in argv)
-    config_file = None if has_config else QUICKSTART
-    try:
-        method = peek(argv, "method", config_file) or METHODS[0]
+    def load(args: list[str], config_file: Path | None):
+        method = peek(args, "method", config_file) or METHODS[0]
         if method not in METHODS:
             raise ConfigError(f"distill.py runs {' or '.join(METHODS)}, got method={method!r}; train it with train.py")
-        cfg = load_config(get_method(method).config_class, argv, config_file)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
-    try:
-        run(cfg)
-    except USER_ERRORS as e:  # the message names the problem and the fix; a traceback would only bury it
-        sys.exit(f"error: {e}")
+        return load_config(get_method(method).config_class, args, config_file)
+
+    run_cli(argv, QUICKSTART, load)
 
 
 if __name__ == "__main__":

@@ -23,19 +23,10 @@ def main(argv: list[str]) -> None:
         print("\n".join(f"{name}: {path}" for name, path in paths.items()))
         return
 
-    from training.config import ConfigError
     from training.methods import load_train_config
-    from training.run import USER_ERRORS, run
+    from training.run import run_cli
 
-    has_config = any(a == "--config" or a.startswith("--config=") for a in argv)
-    try:
-        cfg = load_train_config(argv, config_file=None if has_config else QUICKSTART)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
-    try:
-        run(cfg)
-    except USER_ERRORS as e:  # the message names the problem and the fix; a traceback would only bury it
-        sys.exit(f"error: {e}")
+    run_cli(argv, QUICKSTART, lambda args, config_file: load_train_config(args, config_file=config_file))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,6 +30,20 @@ logger = logging.getLogger(__name__)
 
 # Errors whose message says what went wrong and how to fix it: `train.py` prints them without a traceback.
 USER_ERRORS = (ConfigError, HubPushError, BadDataError, ResumeError, NonFiniteLossError)
+
+
+def run_cli(argv: list[str], quickstart: Path, load: Callable[[list[str], Path | None], TrainConfig]) -> None:
+    """The scripts' common tail: `load(argv, config_file)` the config (the quickstart recipe when no `--config` is
+    given), then `run` it; config and user errors exit with their message, not a traceback."""
+    has_config = any(a == "--config" or a.startswith("--config=") for a in argv)
+    try:
+        cfg = load(argv, None if has_config else quickstart)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    try:
+        run(cfg)
+    except USER_ERRORS as e:  # the message names the problem and the fix; a traceback would only bury it
+        sys.exit(f"error: {e}")
 
 
 def run(cfg: TrainConfig) -> dict:

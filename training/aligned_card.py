@@ -12,12 +12,11 @@ from model_cards import is_hub_id, public_name
 
 from .config import to_dict
 from .model_card import (
-    EVAL_BEGIN,
-    EVAL_END,
     TRAINING_AND_EVALUATION,
     eval_results_from_results,
     evaluation_markdown,
     parse_results,
+    training_and_evaluation_values,
 )
 
 TEMPLATE = """---
@@ -66,10 +65,7 @@ def render_aligned_card(model: Any, cfg: Any, results: dict | None = None, step:
         model_name=name, variant="LiT" if stock else "dino.txt", loading=loading,
         repo_id=hub if hub and is_hub_id(hub) else "path/to/aligned",
         remote_code="" if stock else ", trust_remote_code=True",
-        config_name=public_name(config.get("config_name"), default="custom"),
-        dataset=f"`{dataset}`" if is_hub_id(dataset) else f"`{public_name(dataset)}` (local)",
-        steps=step, rows=list(model.model_card_rows(config).items()), seed=(config.get("train") or {}).get("seed", "?"),
-        evaluation=f"{EVAL_BEGIN}\n{evaluation}\n{EVAL_END}",
+        **training_and_evaluation_values(model, config, dataset, step, evaluation),
     )
     return str(ModelCard.from_template(card_data, template_str=TEMPLATE, **values))
 

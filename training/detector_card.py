@@ -11,7 +11,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from model_cards import is_hub_id, public_name
 
 from .config import to_dict
-from .model_card import EVAL_BEGIN, EVAL_END, TRAINING_AND_EVALUATION
+from .model_card import TRAINING_AND_EVALUATION, training_and_evaluation_values
 
 TEMPLATE = """---
 {{ card_data }}
@@ -72,10 +72,7 @@ def render_detector_card(model: Any, cfg: Any, results: dict | None = None, step
     )
     values = dict(
         model_name=name, repo_id=hub if hub and is_hub_id(hub) else "path/to/detector",
-        config_name=public_name(config.get("config_name"), default="custom"),
-        dataset=f"`{dataset}`" if is_hub_id(dataset) else f"`{public_name(dataset)}` (local)", steps=step,
-        rows=list(model.model_card_rows(config).items()), seed=(config.get("train") or {}).get("seed", "?"),
-        evaluation=f"{EVAL_BEGIN}\n{_evaluation(results)}\n{EVAL_END}",
+        **training_and_evaluation_values(model, config, dataset, step, _evaluation(results)),
     )
     return str(ModelCard.from_template(card_data, template_str=TEMPLATE, **values))
 

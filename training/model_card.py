@@ -58,6 +58,17 @@ TRAINING_AND_EVALUATION = """## Training
 {{ evaluation }}
 """
 
+def training_and_evaluation_values(model: Any, config: dict, dataset: str, step: int | str, evaluation: str) -> dict:
+    """The values `TRAINING_AND_EVALUATION` takes: recipe, data (a Hub id as is, a local path by its public name),
+    steps, the method's own rows, seed, and the evaluation markdown between the markers probe.py rewrites."""
+    return dict(
+        config_name=public_name(config.get("config_name"), default="custom"),
+        dataset=f"`{dataset}`" if is_hub_id(dataset) else f"`{public_name(dataset)}` (local)",
+        steps=step, rows=list(model.model_card_rows(config).items()), seed=(config.get("train") or {}).get("seed", "?"),
+        evaluation=f"{EVAL_BEGIN}\n{evaluation}\n{EVAL_END}",
+    )
+
+
 USAGE_PLACEHOLDER = "path/to/backbone"
 # The training metrics a card shows (in this order, when logged), besides every "*_loss" term.
 _METRIC_KEYS = ("step", "loss")

@@ -135,6 +135,18 @@ def test_each_edit_gives_the_right_size(style):
     assert views["view1"].shape == views["view2"].shape == (3, 48, 48)
 
 
+def test_applied_names_the_edits_made_without_changing_them():
+    augmentation = CopyEditAugmentation(48, style="heldout")
+    image = _photo(seed=2)
+    applied: list[str] = []
+    out = augmentation.edit_image(image, seed=11, kinds=["crop", "text", "jpeg"], applied=applied)
+    assert applied == ["crop", "text", "jpeg"]
+    assert np.array_equal(np.asarray(out), np.asarray(augmentation.edit_image(image, seed=11, kinds=["crop", "text", "jpeg"])))
+    chained: list[str] = []
+    augmentation.edit_image(image, seed=5, applied=chained)
+    assert chained[0] == "crop" and set(chained) <= set(EDIT_KINDS) and len(set(chained)) == len(chained)
+
+
 def test_edits_are_deterministic_per_seed_epoch_index():
     augmentation = CopyEditAugmentation(40, CopyEditsConfig(text_probability=1.0, logo_probability=1.0))
     image = _photo(seed=1)

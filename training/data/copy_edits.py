@@ -299,10 +299,11 @@ class CopyEditAugmentation:
         return f"CopyEditAugmentation(size={self.size}, style={self.style!r}, config={self.config})"
 
     def edit(self, image: Image.Image, rng: random.Random, kinds: Sequence[str] | None = None,
-             size: int | None = None, config: CopyEditsConfig | None = None) -> Image.Image:
+             size: int | None = None, config: CopyEditsConfig | None = None,
+             applied: list[str] | None = None) -> Image.Image:
         """One edited copy. `kinds`: apply exactly these edits (else each with its probability in `config`, default
         this augmentation's); `size`: a square output of that size (None: the edited image as it comes, working
-        size ≤ 512 px)."""
+        size ≤ 512 px); `applied`: a list that receives the names of the edits made, in order (benchmarks)."""
         c = config or self.config
         chosen = set(kinds) if kinds is not None else None
         unknown = (chosen or set()) - set(EDIT_KINDS)
@@ -311,7 +312,11 @@ class CopyEditAugmentation:
 
         def wants(kind: str) -> bool:
             draw = rng.random()  # always drawn, so one edit's switch does not shift the others' randomness
-            return kind in chosen if chosen is not None else draw < (1.0 if kind == "crop" else getattr(c, f"{kind}_probability"))
+            p = 1.0 if kind == "crop" else getattr(c, f"{kind}_probability")
+            made = kind in chosen if chosen is not None else draw < p
+            if made and applied is not None:
+                applied.append(kind)
+            return made
 
         image = image.convert("RGB")
         if wants("crop"):
@@ -332,9 +337,9 @@ class CopyEditAugmentation:
         return image.resize((size, size), Image.BILINEAR) if size else image
 
     def edit_image(self, image: Image.Image, seed: int, kinds: Sequence[str] | None = None,
-                   size: int | None = None) -> Image.Image:
+                   size: int | None = None, applied: list[str] | None = None) -> Image.Image:
         """The copy of `image` for `seed` (the same chain as training's views; calibration, tests)."""
-        return self.edit(image, random.Random(seed), kinds, size)
+        return self.edit(image, random.Random(seed), kinds, size, applied=applied)
 
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
         return TF.normalize(TF.to_tensor(image), self.mean, self.std)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from modeling import BarlowTwinsConfig, BarlowTwinsForPretraining
 
 from ..config import check
-from .registry import Method, Schedule, register_method
+from .registry import Method, register_method
 from .two_view import TwoViewTrainConfig, backbone_config, backbone_warmup, build_two_view_model
 
 
@@ -44,16 +44,12 @@ def build_barlow_twins(cfg: BarlowTwinsTrainConfig) -> BarlowTwinsForPretraining
     return build_two_view_model(cfg, BarlowTwinsForPretraining, config)
 
 
-def barlow_schedules(cfg: BarlowTwinsTrainConfig) -> dict[str, Schedule]:
-    return backbone_warmup(cfg)
-
-
 BARLOW_TWINS = register_method(
     Method(
         name="barlow_twins",
         config_class=BarlowTwinsTrainConfig,
         build_model=build_barlow_twins,
-        schedules=barlow_schedules,
+        schedules=backbone_warmup,  # fresh heads on a loaded backbone: the only schedule
         description="Barlow Twins (the cross-correlation of two views' embeddings driven to the identity, "
         "Zbontar et al. 2021)",
     )

@@ -11,7 +11,7 @@ from modeling import CopyDetectionConfig, CopyDetectionForPretraining
 
 from ..config import check
 from ..data.copy_edits import CopyEditsConfig
-from .registry import Method, Schedule, register_method
+from .registry import Method, register_method
 from .two_view import TwoViewTrainConfig, backbone_config, backbone_warmup, build_two_view_model
 
 
@@ -48,16 +48,12 @@ def build_copy_detection(cfg: CopyDetectionTrainConfig) -> CopyDetectionForPretr
     return build_two_view_model(cfg, CopyDetectionForPretraining, config)
 
 
-def copy_detection_schedules(cfg: CopyDetectionTrainConfig) -> dict[str, Schedule]:
-    return backbone_warmup(cfg)
-
-
 COPY_DETECTION = register_method(
     Method(
         name="copy_detection",
         config_class=CopyDetectionTrainConfig,
         build_model=build_copy_detection,
-        schedules=copy_detection_schedules,
+        schedules=backbone_warmup,  # fresh heads on a loaded backbone: the only schedule
         description="copy-detection descriptor (SSCD: GeM + projection, InfoNCE between edited copies + KoLeo, "
         "Pizzi et al. 2022)",
     )

@@ -8,8 +8,8 @@ components; a pool image is contaminated when linked to an eval image).
 Originals: non-overlapping tiles of scikit-image photos (files inside the installed package; see PHOTOS for which
 and why). The detector may be trained on the pool itself (self-supervised: it never sees which image is a copy
 of which). Copies: `copies` per original, each made by one edit of `style="heldout"` (TrueType fonts, star / ring /
-stripe logos, striped borders, corner-anchored crops: families the training edits never draw; EDITS, dealt evenly),
-or with `--stack` by the whole chain at once. Reported: pairwise precision / recall of "same component" against
+stripe logos, striped borders, corner-anchored crops: families the training edits never draw; 13 kinds, dealt
+evenly), or with `--stack` by the whole chain at once. Reported: pairwise precision / recall of "same component" against
 "same original" for pHash (Hamming ≤ `--phash_max_distance`, also against the mirrored hash, as curate.py), the
 detector alone and both; recall per edit; decontamination precision / recall (eval set = the even-numbered
 originals, pool = the rest); and the detector's own best-F1 threshold for reference.
@@ -54,23 +54,21 @@ def originals(tile: int, per_photo: int = 16, min_std: float = 0.06) -> list[Ima
     return out
 
 
-EDITS = ("crop", "flip", "rotate", "resize", "color", "grayscale", "blur", "text", "logo", "border", "screenshot",
-         "jpeg", "mix")
-
-
 def near_duplicate_set(tile: int, copies: int, seed: int, stack: bool = False,
                        ) -> tuple[list[Image.Image], np.ndarray, list[list[str]]]:
     """(images, group of each image, edits made to each image): the originals (no edits) then `copies` held-out
-    copies of each. Default: each copy made by one edit (EDITS; "mix": another original pasted in), the kinds
+    copies of each. Default: each copy made by one edit (the training edits' EDIT_KINDS, plus "mix": another original
+    pasted in), the kinds
     dealt round-robin from a seeded shuffle so every edit gets the same number of copies. `stack`: every copy
     by the whole chain (a crop always, each other edit with its training probability, a mix a quarter of the
     time), much harder than most copies found in the wild."""
-    from training.data.copy_edits import CopyEditAugmentation, paste_image
+    from training.data.copy_edits import EDIT_KINDS, CopyEditAugmentation, paste_image
 
     base = originals(tile)
     augmentation = CopyEditAugmentation(style="heldout")
     images, groups, edits = list(base), list(range(len(base))), [[] for _ in base]
-    deck = [EDITS[j % len(EDITS)] for j in range(len(base) * copies)]
+    kinds = (*EDIT_KINDS, "mix")
+    deck = [kinds[j % len(kinds)] for j in range(len(base) * copies)]
     random.Random(seed).shuffle(deck)
     for i, image in enumerate(base):
         for c in range(copies):
@@ -191,12 +189,12 @@ def main(argv: list[str] | None = None) -> dict:
     sims = v @ v.T
     cd_close = sims > args.threshold
     ph, cd = pairs(ph_close), pairs(cd_close)
-    both = components(n, np.concatenate([ph, cd]))
+    ph_only, both = components(n, ph), components(n, np.concatenate([ph, cd]))
     result = {"images": n, "originals": n_originals, "seed": args.seed, "stack": args.stack, "threshold": args.threshold,
-              "phash_only": pairwise(components(n, ph), groups),
+              "phash_only": pairwise(ph_only, groups),
               "detector_only": pairwise(components(n, cd), groups),
               "phash_and_detector": pairwise(both, groups),
-              "recall_per_edit": {"phash_only": recall_per_edit(components(n, ph), groups, edits),
+              "recall_per_edit": {"phash_only": recall_per_edit(ph_only, groups, edits),
                                   "phash_and_detector": recall_per_edit(both, groups, edits)},
               "decontamination": {"phash_only": decontamination(ph_close, groups, n_originals),
                                   "phash_and_detector": decontamination(ph_close | cd_close, groups, n_originals)}}

@@ -21,6 +21,7 @@ import argparse
 import json
 import random
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +170,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--stack", action="store_true", help="every copy by the whole edit chain (see near_duplicate_set)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--phash_max_distance", type=int, default=6)
+    parser.add_argument("--verify_min_inliers", type=int, default=None,
+                        help="also join each image's --verify_top nearest neighbours below the threshold when this many "
+                             "ORB keypoint matches fit one similarity transform (curation/verify.py; off by default)")
+    parser.add_argument("--verify_top", type=int, default=10)
     args = parser.parse_args(argv)
 
     from curation.embed import Embedder, resolve_model
@@ -188,10 +193,23 @@ def main(argv: list[str] | None = None) -> dict:
     v = np.concatenate([embedder(images[i : i + 64]) for i in range(0, n, 64)])
     sims = v @ v.T
     cd_close = sims > args.threshold
+    verify = None
+    if args.verify_min_inliers is not None:
+        from curation.verify import candidate_pairs, verify_pairs
+
+        t0 = time.time()
+        ranked = sims - 3 * np.eye(n)  # self last
+        order = np.argsort(-ranked, axis=1)[:, : args.verify_top]
+        a, b, _ = candidate_pairs(order, np.take_along_axis(sims, order, 1), 0, args.verify_top, args.threshold)
+        inliers = verify_pairs(lambda row: images[row], a, b)
+        joined = inliers >= args.verify_min_inliers
+        cd_close[a[joined], b[joined]] = cd_close[b[joined], a[joined]] = True
+        verify = {"min_inliers": args.verify_min_inliers, "top": args.verify_top, "pairs_checked": len(a),
+                  "pairs_joined": int(joined.sum()), "seconds": round(time.time() - t0, 1)}
     ph, cd = pairs(ph_close), pairs(cd_close)
     ph_only, both = components(n, ph), components(n, np.concatenate([ph, cd]))
     result = {"images": n, "originals": n_originals, "seed": args.seed, "stack": args.stack, "threshold": args.threshold,
-              "phash_only": pairwise(ph_only, groups),
+              "verify": verify, "phash_only": pairwise(ph_only, groups),
               "detector_only": pairwise(components(n, cd), groups),
               "phash_and_detector": pairwise(both, groups),
               "recall_per_edit": {"phash_only": recall_per_edit(ph_only, groups, edits),

@@ -56,6 +56,11 @@ class CopyDetectionConfig:
     threshold: float = 0.6  # cosine similarity > threshold => duplicate
     batch_size: int = 64
     pooling: Literal["cls", "mean"] = "cls"
+    # Keypoint check (curation/verify.py) of each image's `verify_top` nearest neighbours that the threshold did
+    # not join: a duplicate when >= verify_min_inliers ORB matches fit one similarity transform (crops, rotations,
+    # framing). null: off. Costs an ORB extraction per candidate image and a RANSAC fit per pair.
+    verify_min_inliers: int | None = None
+    verify_top: int = 10
 
 
 @dataclass
@@ -78,6 +83,9 @@ class DecontaminateConfig:
     k: int = 64
     batch_size: int = 64
     pooling: Literal["cls", "mean"] = "cls"
+    # As dedup.copy_detection's: keypoint check of each eval image's `verify_top` nearest pool images. null: off.
+    verify_min_inliers: int | None = None
+    verify_top: int = 10
 
 
 @dataclass

@@ -89,7 +89,14 @@ def render_card(cfg: CurateConfig, stats: dict[str, Any], models: dict[str, str]
             f"`{s.name}` ({s.dataset if s.dataset else 'local: ' + public_name(s.path)})" for s in items
         ) or "none"
 
-    cd = cfg.dedup.copy_detection
+    cd, dc = cfg.dedup.copy_detection, cfg.decontaminate
+
+    def verify(section: Any) -> str:
+        if section.verify_min_inliers is None:
+            return ""
+        return (f", or among the {section.verify_top} nearest: >= {section.verify_min_inliers} ORB keypoint matches "
+                f"fit one similarity transform (RANSAC)")
+
     km = stats.get("cluster") or {}
     values = {
         "title": card_data.pretty_name,
@@ -106,8 +113,10 @@ def render_card(cfg: CurateConfig, stats: dict[str, Any], models: dict[str, str]
         "cd_model": models.get("copy_detection", "off"),
         "cd_k": cd.k,
         "cd_threshold": cd.threshold,
+        "cd_verify": verify(cd),
+        "dc_verify": verify(dc),
         "dc_model": models.get("decontaminate", "off"),
-        "dc_threshold": cfg.decontaminate.threshold,
+        "dc_threshold": dc.threshold,
         "embed_model": models.get("embed", "off"),
         "cluster": (f"spherical={cfg.cluster.spherical} k-means, levels {km.get('level_sizes')}, trained on "
                     f"{km.get('train_rows')} of {km.get('rows')} rows (max_points_per_centroid "

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from training.config import save_config
+from training.data.decode import decode_image
 
 from .cluster import KMEANS_ALGORITHM, KMeansResult, cluster_store
 from .common import CurationError, DistState, StepCache, fingerprint, kill_point, read_json, write_json
@@ -62,6 +63,7 @@ from .output import (
 )
 from .selection import select_rows
 from .validate import validate_batch
+from .verify import candidate_pairs, unique_pairs, verify_pairs
 
 META_COLUMNS = ["id", "source", "sha256", "phash", "phash_flip", "width", "height"]
 
@@ -102,6 +104,12 @@ def check_config(cfg: CurateConfig) -> None:
         raise CurationError("cluster.branching must be > 1 for hierarchical k-means (cluster.levels > 1)")
     if cfg.dedup.phash_max_distance is not None and not 0 <= cfg.dedup.phash_max_distance < 32:
         raise CurationError("dedup.phash_max_distance must be in [0, 31] (or null to turn it off)")
+    for key, section in (("dedup.copy_detection", cfg.dedup.copy_detection), ("decontaminate", cfg.decontaminate)):
+        if section.verify_min_inliers is not None and section.verify_min_inliers < 4:
+            raise CurationError(f"{key}.verify_min_inliers must be >= 4 (a similarity transform fits any 3 "
+                                f"matches; 12 is the measured setting, docs/copy_detection.md) or null to turn it off")
+        if not 1 <= section.verify_top <= section.k:
+            raise CurationError(f"{key}.verify_top must be in [1, {key}.k = {section.k}], got {section.verify_top}")
 
 
 def _spec(model: ModelRef | None, column: str | None, pooling: str, batch_size: int,
@@ -323,15 +331,38 @@ class Pipeline:
         def cd_edges(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
             info, blocks = knn_search(store, store, c.k, cfg.index, cfg.seed, self.comm)
             self.extra["copy_detection_index"] = info.as_dict()
-            parts = [knn_edges(ids, sims, c.threshold, start) for start, sims, ids in blocks]
+            parts, near_misses = [], []
+            for start, sims, ids in blocks:  # blocks stream: one pass
+                parts.append(knn_edges(ids, sims, c.threshold, start))
+                if c.verify_min_inliers is not None:
+                    near_misses.append(candidate_pairs(ids, sims, start, c.verify_top, c.threshold))
             if self.comm is not None and not self.comm.is_main:
                 return None  # the merged blocks went to the main process
+            if near_misses:  # keypoint check of the near misses (main process only)
+                parts.append(self.verified_edges(V, cd_rows, near_misses, c.verify_min_inliers))
             return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
 
-        key = fingerprint("copy", cd_key, spec.identity(), c.k, c.threshold, dataclasses.asdict(cfg.index))
-        alive = self.dedup_stage("copy_dedup", key, alive, cd_edges,
-                                 lambda s: f"near_duplicate: cosine {s:.4f} > {c.threshold}", collective=True)
+        def reason(s: float) -> str:
+            if s > c.threshold:
+                return f"near_duplicate: cosine {s:.4f} > {c.threshold}"
+            return f"near_duplicate: cosine {s:.4f}, >= {c.verify_min_inliers} ORB keypoint matches fit one transform"
+
+        key = fingerprint("copy", cd_key, spec.identity(), c.k, c.threshold, dataclasses.asdict(cfg.index),
+                          c.verify_min_inliers, c.verify_top)
+        alive = self.dedup_stage("copy_dedup", key, alive, cd_edges, reason, collective=True)
         return alive, cd_rows, store
+
+    def verified_edges(self, V: datasets.Dataset, rows: np.ndarray,
+                       near_misses: list[tuple[np.ndarray, np.ndarray, np.ndarray]], min_inliers: int,
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Edges (a, b, cosine) among the near misses (per-block `candidate_pairs`) that pass the keypoint check."""
+        t0 = time.time()
+        a, b, w = unique_pairs(*(np.concatenate([m[i] for m in near_misses]) for i in range(3)))
+        inliers = verify_pairs(lambda i: decode_image(V[int(rows[i])]["image"], max_pixels=None), a, b)
+        keep = inliers >= min_inliers
+        self.extra["copy_detection_verify"] = {"pairs_checked": int(len(a)), "pairs_joined": int(keep.sum()),
+                                               "min_inliers": min_inliers, "seconds": round(time.time() - t0, 2)}
+        return a[keep], b[keep], w[keep]
 
     def retrieval_embeddings(self, V: datasets.Dataset, alive: np.ndarray, cd_rows: np.ndarray,
                              cd_store: EmbeddingStore | None, specs: dict[str, EmbedSpec | None],
@@ -372,7 +403,8 @@ class Pipeline:
             ev_store = self.embed(ev, ev._fingerprint, dc_spec, "eval")
         key = fingerprint("decontaminate", vkey, _index_key(alive), _index_key(cd_rows), ev._fingerprint,
                           dc_spec.identity() if dc_spec else None, cfg.decontaminate.threshold,
-                          cfg.decontaminate.k, cfg.dedup.exact, cfg.dedup.phash_max_distance)
+                          cfg.decontaminate.k, cfg.dedup.exact, cfg.dedup.phash_max_distance,
+                          cfg.decontaminate.verify_min_inliers, cfg.decontaminate.verify_top)
 
         ev_ids = ev_meta["id"]
 
@@ -381,11 +413,23 @@ class Pipeline:
             hits: list[tuple[int, str, str]] = []
             if dc_store is None or ev_store is None:
                 return hits
-            _, blocks = knn_search(dc_store, ev_store, cfg.decontaminate.k, cfg.index, cfg.seed, self.comm)
+            d = cfg.decontaminate
+            _, blocks = knn_search(dc_store, ev_store, d.k, cfg.index, cfg.seed, self.comm)
+            near_misses: list[tuple[int, int, float]] = []  # (eval row, embedded row, cosine)
             for start, sims, ids in blocks:
-                q, j = np.nonzero((sims > cfg.decontaminate.threshold) & (ids >= 0))
-                hits += [(int(cd_rows[ids[a, b]]), ev_ids[start + a], f"cosine {sims[a, b]:.4f} > {cfg.decontaminate.threshold}")
+                q, j = np.nonzero((sims > d.threshold) & (ids >= 0))
+                hits += [(int(cd_rows[ids[a, b]]), ev_ids[start + a], f"cosine {sims[a, b]:.4f} > {d.threshold}")
                          for a, b in zip(q, j)]
+                if d.verify_min_inliers is not None:
+                    q, j = np.nonzero(~(sims[:, :d.verify_top] > d.threshold) & (ids[:, :d.verify_top] >= 0))
+                    near_misses += [(start + int(a), int(ids[a, b]), float(sims[a, b])) for a, b in zip(q, j)]
+            if near_misses and (self.comm is None or self.comm.is_main):
+                e, r, cos = (np.array(x) for x in zip(*near_misses))
+                inliers = verify_pairs(lambda i: decode_image(ev[int(i)]["image"], max_pixels=None), e, r,
+                                       lambda i: decode_image(V[int(cd_rows[i])]["image"], max_pixels=None))
+                hits += [(int(cd_rows[r[i]]), ev_ids[e[i]], f"cosine {cos[i]:.4f}, {inliers[i]} ORB keypoint "
+                          f"matches fit one transform (>= {d.verify_min_inliers})")
+                         for i in np.nonzero(inliers >= d.verify_min_inliers)[0]]
             return hits
 
         emb_hits = self.collective("decontaminate", key, embedding_hits)

@@ -1,0 +1,93 @@
+"""Keypoint verification of copy candidates (curation/verify.py) and its use in curate.py."""
+
+import datasets
+import numpy as np
+from curation_fixtures import distinct_images, encode
+from PIL import Image
+
+from curation import CurateConfig, run_pipeline
+from curation.verify import candidate_pairs, count_inliers, orb_keypoints, verify_pairs
+from training.config import load_config
+
+
+def _rotated_crop(image: Image.Image) -> Image.Image:
+    """A corner crop (60 % of the side), rotated 25 degrees, rescaled: a copy no hash and no threshold finds."""
+    w, h = image.size
+    crop = image.crop((0, 0, int(0.6 * w), int(0.6 * h)))
+    return crop.rotate(25, resample=Image.BICUBIC, expand=True).resize((w, h), Image.BICUBIC)
+
+
+def test_copy_has_many_inliers_and_unrelated_photos_few():
+    tiles = [t[1] for t in distinct_images(8, size=128)]
+    original, copy = tiles[0], _rotated_crop(tiles[0])
+    same = count_inliers(orb_keypoints(copy), orb_keypoints(original))
+    others = [count_inliers(orb_keypoints(copy), orb_keypoints(t)) for t in tiles[1:]]
+    assert same >= 12, same
+    assert max(others) < 12, others
+    # the mirrored image is tried too: a flipped copy is found through it
+    flipped = verify_pairs(lambda i: [original.transpose(Image.FLIP_LEFT_RIGHT), original][i],
+                           np.array([0]), np.array([1]))
+    assert flipped[0] >= 12
+
+
+def test_candidate_pairs_are_the_near_misses_among_the_top_neighbours():
+    indices = np.array([[0, 1, 2, 3], [1, 0, 3, -1], [2, 3, 0, 1]])
+    sims = np.array([[1.0, 0.97, 0.5, 0.4], [1.0, 0.97, 0.6, 0.0], [1.0, 0.7, 0.5, 0.3]])
+    a, b, w = candidate_pairs(indices, sims, 0, top=3, threshold=0.95)
+    # (0, 1) is already an edge (0.97 > 0.95), self matches and padding are dropped, (0, 3) is outside 0's top 3;
+    # (2, 3) is found from row 2 (0.7); (0, 2) from row 0 first (0.5)
+    assert list(zip(a.tolist(), b.tolist(), w.tolist())) == [(0, 2, 0.5), (1, 3, 0.6), (2, 3, 0.7)]
+
+
+def test_pipeline_joins_a_verified_near_miss_and_reports_why(tmp_path):
+    """Row 7 is a rotated corner crop of row 0 whose embedding is far (cosine 0.5 < 0.95): only the keypoint
+    check finds it; the eval image is a rotated crop of row 3 at cosine 0.3 < 0.45."""
+    tiles = [t[1] for t in distinct_images(9, size=128)]
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.standard_normal((16, 16)))[0]
+    images = tiles[:7] + [_rotated_crop(tiles[0])]
+    emb = [basis[i] for i in range(7)] + [0.5 * basis[0] + np.sqrt(0.75) * basis[8]]
+    feats = datasets.Features({"image": datasets.Image(), "emb": datasets.List(datasets.Value("float32"))})
+    datasets.Dataset.from_dict({"image": [{"bytes": encode(t), "path": None} for t in images],
+                                "emb": [e.tolist() for e in emb]}, features=feats).save_to_disk(str(tmp_path / "src"))
+    ev_emb = (0.3 * basis[3] + np.sqrt(0.91) * basis[9]).tolist()
+    datasets.Dataset.from_dict({"image": [{"bytes": encode(_rotated_crop(tiles[3])), "path": None}], "emb": [ev_emb]},
+                               features=feats).save_to_disk(str(tmp_path / "ev"))
+
+    def run(out: str, verify: str) -> tuple[dict, dict]:
+        cfg = load_config(CurateConfig, [
+            f"sources=[{{name: src, path: {tmp_path / 'src'}}}]", f"eval_sets=[{{name: ev, path: {tmp_path / 'ev'}}}]",
+            "validate.min_size=32", "dedup.phash_max_distance=4", "dedup.copy_detection.embedding_column=emb",
+            "dedup.copy_detection.threshold=0.95", "decontaminate.embedding_column=emb",
+            f"dedup.copy_detection.verify_min_inliers={verify}", f"decontaminate.verify_min_inliers={verify}",
+            "embed.model=null", "cluster.num_clusters=0", "select.mode=none", f"output.dir={tmp_path / out}"])
+        stats = run_pipeline(cfg)
+        removed = datasets.load_from_disk(str(tmp_path / out / "removed")).to_list()
+        return stats, {r["id"]: r for r in removed}
+
+    stats, manifest = run("off", "null")
+    assert manifest == {} and stats["num_rows"] == 8
+    stats, manifest = run("on", "12")
+    assert set(manifest) == {"src/000000007", "src/000000003"}
+    assert manifest["src/000000007"]["step"] == "copy_dedup"
+    assert manifest["src/000000007"]["duplicate_of"] == "src/000000000"
+    assert "ORB keypoint matches" in manifest["src/000000007"]["reason"]
+    assert manifest["src/000000003"]["step"] == "decontaminate"
+    assert "ORB keypoint matches" in manifest["src/000000003"]["reason"]
+    assert stats["num_rows"] == 6
+    card = (tmp_path / "on" / "README.md").read_text()
+    assert card.count(">= 12 ORB keypoint matches fit one similarity transform") == 2  # dedup and decontamination
+    assert "ORB" not in (tmp_path / "off" / "README.md").read_text()
+
+
+def test_bad_verify_settings_are_named(tmp_path):
+    import pytest
+
+    from curation import CurationError
+    from curation.pipeline import check_config
+
+    for override, message in (("dedup.copy_detection.verify_min_inliers=3", "verify_min_inliers must be >= 4"),
+                              ("decontaminate.verify_top=100", "decontaminate.verify_top must be in [1,")):
+        cfg = load_config(CurateConfig, [f"sources=[{{name: a, path: {tmp_path}}}]", "select.mode=none", override])
+        with pytest.raises(CurationError, match=message.replace("[", r"\[")):
+            check_config(cfg)

@@ -193,19 +193,27 @@ def main(argv: list[str] | None = None) -> dict:
     v = np.concatenate([embedder(images[i : i + 64]) for i in range(0, n, 64)])
     sims = v @ v.T
     cd_close = sims > args.threshold
+    dc_close = cd_close.copy()  # decontamination: every verified match counts (a collage holding an eval image)
     verify = None
     if args.verify_min_inliers is not None:
-        from curation.verify import candidate_pairs, verify_pairs
+        from curation.verify import candidate_pairs, collage_safe_joins, verify_pairs
 
         t0 = time.time()
         ranked = sims - 3 * np.eye(n)  # self last
         order = np.argsort(-ranked, axis=1)[:, : args.verify_top]
         a, b, _ = candidate_pairs(order, np.take_along_axis(sims, order, 1), 0, args.verify_top, args.threshold)
         inliers = verify_pairs(lambda row: images[row], a, b)
-        joined = inliers >= args.verify_min_inliers
+        verified = inliers >= args.verify_min_inliers
+        dc_close[a[verified], b[verified]] = dc_close[b[verified], a[verified]] = True
+        # dedup, as curate.py: groups of the hash and cosine edges join their best verified partner only
+        groups_before = components(n, np.concatenate([pairs(ph_close), pairs(cd_close)]))
+        joined = verified.copy()
+        joined[verified] = collage_safe_joins(groups_before, np.bincount(groups_before, minlength=n), a[verified],
+                                              b[verified], inliers[verified])
         cd_close[a[joined], b[joined]] = cd_close[b[joined], a[joined]] = True
         verify = {"min_inliers": args.verify_min_inliers, "top": args.verify_top, "pairs_checked": len(a),
-                  "pairs_joined": int(joined.sum()), "seconds": round(time.time() - t0, 1)}
+                  "pairs_verified": int(verified.sum()), "pairs_joined": int(joined.sum()),
+                  "seconds": round(time.time() - t0, 1)}
     ph, cd = pairs(ph_close), pairs(cd_close)
     ph_only, both = components(n, ph), components(n, np.concatenate([ph, cd]))
     result = {"images": n, "originals": n_originals, "seed": args.seed, "stack": args.stack, "threshold": args.threshold,
@@ -215,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
               "recall_per_edit": {"phash_only": recall_per_edit(ph_only, groups, edits),
                                   "phash_and_detector": recall_per_edit(both, groups, edits)},
               "decontamination": {"phash_only": decontamination(ph_close, groups, n_originals),
-                                  "phash_and_detector": decontamination(ph_close | cd_close, groups, n_originals)}}
+                                  "phash_and_detector": decontamination(ph_close | dc_close, groups, n_originals)}}
     iu = np.triu_indices(n, k=1)
     truth, scores = (groups[:, None] == groups[None])[iu], sims[iu]
     best = (0.0, 0.0, 0.0, 0.0)

@@ -91,11 +91,11 @@ def render_card(cfg: CurateConfig, stats: dict[str, Any], models: dict[str, str]
 
     cd, dc = cfg.dedup.copy_detection, cfg.decontaminate
 
-    def verify(section: Any) -> str:
+    def verify(section: Any, joins: str = "") -> str:
         if section.verify_min_inliers is None:
             return ""
         return (f", or among the {section.verify_top} nearest: >= {section.verify_min_inliers} ORB keypoint matches "
-                f"fit one similarity transform (RANSAC)")
+                f"fit one similarity transform (RANSAC){joins}")
 
     km = stats.get("cluster") or {}
     values = {
@@ -113,7 +113,8 @@ def render_card(cfg: CurateConfig, stats: dict[str, Any], models: dict[str, str]
         "cd_model": models.get("copy_detection", "off"),
         "cd_k": cd.k,
         "cd_threshold": cd.threshold,
-        "cd_verify": verify(cd),
+        "cd_verify": verify(cd, "; a verified match joins a single image to its best-matching group, and two "
+                                      "groups only when it involves two images of each (a collage does not merge its sources)"),
         "dc_verify": verify(dc),
         "dc_model": models.get("decontaminate", "off"),
         "dc_threshold": dc.threshold,

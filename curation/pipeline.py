@@ -40,6 +40,7 @@ from .config import CurateConfig, SourceConfig
 from .distributed import Comm
 from .embed import EmbeddingStore, EmbedSpec, ModelRef, embed_dataset, resolve_model
 from .graph import (
+    connected_components,
     contaminated_components,
     dedup_from_edges,
     exact_edges,
@@ -63,7 +64,7 @@ from .output import (
 )
 from .selection import select_rows
 from .validate import validate_batch
-from .verify import candidate_pairs, unique_pairs, verify_pairs
+from .verify import candidate_pairs, collage_safe_joins, unique_pairs, verify_pairs
 
 META_COLUMNS = ["id", "source", "sha256", "phash", "phash_flip", "width", "height"]
 
@@ -339,7 +340,8 @@ class Pipeline:
             if self.comm is not None and not self.comm.is_main:
                 return None  # the merged blocks went to the main process
             if near_misses:  # keypoint check of the near misses (main process only)
-                parts.append(self.verified_edges(V, cd_rows, near_misses, c.verify_min_inliers))
+                cosine = tuple(np.concatenate([p[i] for p in parts]) for i in range(2))
+                parts.append(self.verified_edges(V, cd_rows, near_misses, c.verify_min_inliers, cosine))
             return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
 
         def reason(s: float) -> str:
@@ -354,14 +356,22 @@ class Pipeline:
 
     def verified_edges(self, V: datasets.Dataset, rows: np.ndarray,
                        near_misses: list[tuple[np.ndarray, np.ndarray, np.ndarray]], min_inliers: int,
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Edges (a, b, cosine) among the near misses (per-block `candidate_pairs`) that pass the keypoint check."""
+                       cosine: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Edges (a, b, cosine) among the near misses (per-block `candidate_pairs`) that pass the keypoint check
+        and join a group to its best partner (`collage_safe_joins`: a collage does not merge its two sources);
+        groups are the components of the `cosine` edges, their sizes count the rows earlier stages folded in."""
         t0 = time.time()
         a, b, w = unique_pairs(*(np.concatenate([m[i] for m in near_misses]) for i in range(3)))
         inliers = verify_pairs(lambda i: decode_image(V[int(rows[i])]["image"], max_pixels=None), a, b)
         keep = inliers >= min_inliers
-        self.extra["copy_detection_verify"] = {"pairs_checked": int(len(a)), "pairs_joined": int(keep.sum()),
-                                               "min_inliers": min_inliers, "seconds": round(time.time() - t0, 2)}
+        labels = connected_components(len(rows), *cosine)
+        folded = np.bincount(self.rep, minlength=len(self.rep))[rows]
+        sizes = np.bincount(labels, weights=folded, minlength=len(rows))
+        verified = int(keep.sum())
+        keep[keep] = collage_safe_joins(labels, sizes, a[keep], b[keep], inliers[keep])
+        self.extra["copy_detection_verify"] = {"pairs_checked": int(len(a)), "pairs_verified": verified,
+                                               "pairs_joined": int(keep.sum()), "min_inliers": min_inliers,
+                                               "seconds": round(time.time() - t0, 2)}
         return a[keep], b[keep], w[keep]
 
     def retrieval_embeddings(self, V: datasets.Dataset, alive: np.ndarray, cd_rows: np.ndarray,

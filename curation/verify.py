@@ -7,7 +7,8 @@ shift), an unrelated image's do not. So the nearest neighbours of each image tha
 join are checked here, and a pair is a copy when at least `min_inliers` keypoint matches agree with one transform
 (also tried against the mirrored image, for flips). Classical copy-detection systems verify candidates the same
 way; it costs a keypoint extraction per candidate image and a RANSAC fit per pair, so only the top few neighbours
-are checked. Deterministic: fixed RANSAC seed, no threading.
+are checked. A match is not transitive (a collage matches both of its sources), so `collage_safe_joins` decides
+which verified pairs may join duplicate groups. Deterministic: fixed RANSAC seed, no threading.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["Keypoints", "candidate_pairs", "count_inliers", "orb_keypoints", "unique_pairs", "verify_pairs"]
+__all__ = ["Keypoints", "candidate_pairs", "collage_safe_joins", "count_inliers", "orb_keypoints", "unique_pairs",
+           "verify_pairs"]
 
 
 @dataclass(frozen=True)
@@ -29,7 +31,7 @@ class Keypoints:
 
 
 def orb_keypoints(image: Image.Image, size: int = 256, n_keypoints: int = 400) -> Keypoints:
-    """ORB keypoints of `image` converted to grey and resized so its longer side is `size` px."""
+    """ORB keypoints of `image` converted to grey, resized so its longer side is `size` px and contrast-stretched."""
     from skimage.feature import ORB
 
     grey = ImageOps.grayscale(image)
@@ -39,32 +41,45 @@ def orb_keypoints(image: Image.Image, size: int = 256, n_keypoints: int = 400) -
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            orb.detect_and_extract(np.asarray(grey, dtype=np.float64) / 255)
+            orb.detect_and_extract(_stretch_contrast(np.asarray(grey, dtype=np.float64) / 255))
     except RuntimeError:  # flat image: no keypoint at all
         return Keypoints(np.zeros((0, 2)), np.zeros((0, 256), dtype=bool))
     return Keypoints(orb.keypoints, orb.descriptors)
 
 
-def count_inliers(a: Keypoints, b: Keypoints, residual: float = 4.0, max_trials: int = 300) -> int:
-    """Matches (mutual nearest, ratio 0.85) between a and b that one similarity transform explains."""
+def _stretch_contrast(grey: np.ndarray) -> np.ndarray:
+    """Grey levels mapped so the 1st..99th percentiles span [0, 1]. FAST's corner threshold is absolute, so a dim,
+    blurred or low-contrast image (and its copies) would otherwise yield few or no keypoints at all."""
+    lo, hi = np.percentile(grey, (1, 99))
+    return grey if hi - lo < 1 / 255 else np.clip((grey - lo) / (hi - lo), 0, 1)
+
+
+def count_inliers(a: Keypoints, b: Keypoints, residual: float = 4.0, trials: int = 1000) -> int:
+    """Matches (mutual nearest, ratio 0.85) between a and b that one similarity transform explains.
+
+    RANSAC with 2-point samples (a similarity transform is fixed by two point pairs), all `trials` hypotheses
+    scored at once: with few true matches among many (a small crop) a 2-point sample is clean far more often than
+    a 3-point one. Seeded, so the count is deterministic."""
     from skimage.feature import match_descriptors
-    from skimage.measure import ransac
-    from skimage.transform import SimilarityTransform
 
     if len(a.points) < 3 or len(b.points) < 3:
         return 0
     matches = match_descriptors(a.descriptors, b.descriptors, cross_check=True, max_ratio=0.85)
     if len(matches) < 4:
         return 0
-    src, dst = a.points[matches[:, 0]][:, ::-1], b.points[matches[:, 1]][:, ::-1]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "no inliers found" is an answer here, not a problem
-        try:
-            _, inliers = ransac((src, dst), SimilarityTransform, min_samples=3, residual_threshold=residual,
-                                max_trials=max_trials, rng=0)
-        except (ValueError, np.linalg.LinAlgError):
-            return 0
-    return 0 if inliers is None else int(inliers.sum())
+    # points as complex numbers x + iy: a similarity transform is then z -> s * z + t
+    src = a.points[matches[:, 0]] @ np.array([1j, 1.0])
+    dst = b.points[matches[:, 1]] @ np.array([1j, 1.0])
+    rng = np.random.default_rng(0)
+    i, j = rng.integers(0, len(src), trials), rng.integers(0, len(src), trials)
+    distinct = np.abs(src[j] - src[i]) > 1e-6
+    i, j = i[distinct], j[distinct]
+    if not len(i):
+        return 0
+    s = (dst[j] - dst[i]) / (src[j] - src[i])
+    t = dst[i] - s * src[i]
+    errors = np.abs(s[:, None] * src[None] + t[:, None] - dst[None])
+    return int((errors < residual).sum(1).max())
 
 
 def candidate_pairs(indices: np.ndarray, sims: np.ndarray, query_offset: int, top: int, threshold: float,
@@ -108,3 +123,53 @@ def verify_pairs(load_a: Callable[[int], Image.Image], a: np.ndarray, b: np.ndar
         target = keypoints(True, y, False)
         out[i] = max(count_inliers(keypoints(False, x, False), target), count_inliers(keypoints(False, x, True), target))
     return out
+
+
+def collage_safe_joins(labels: np.ndarray, sizes: np.ndarray, a: np.ndarray, b: np.ndarray, inliers: np.ndarray,
+                       ) -> np.ndarray:
+    """Which verified pairs (a[i], b[i]) join their groups: bool mask.
+
+    A keypoint match means "one image holds a transformed part of the other". That is a copy, but it is not
+    transitive: a collage (one image pasted into another) matches both of its sources, and joining on every
+    match would make the two sources, and all their copies, one duplicate group. Groups start as `labels` (the
+    components the hash and cosine edges formed; `sizes[label]`: images per group) and grow in rounds:
+    - a single image joins the group it shares the most inliers with (its best partner), and no other;
+    - two groups of several images join when their matches involve at least two images on each side. A
+      collage's matches to its second source all go through the collage alone, so that source stays apart.
+    Pairs inside one group are not needed and not selected. Deterministic (ties: the first pair)."""
+    uniq, group = np.unique(labels, return_inverse=True)
+    parent = np.arange(len(uniq))
+    size = np.asarray(sizes, dtype=np.float64)[uniq]
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    keep = np.zeros(len(a), dtype=bool)
+    while True:
+        ga = np.array([find(group[x]) for x in a.tolist()], dtype=np.int64)
+        gb = np.array([find(group[x]) for x in b.tolist()], dtype=np.int64)
+        cross = np.nonzero(ga != gb)[0]
+        best: dict[int, tuple[int, int]] = {}  # group -> (inliers, partner group)
+        sides: dict[tuple[int, int], tuple[set[int], set[int]]] = {}  # (low group, high group) -> images of each
+        for i in cross.tolist():
+            p, q, x, y, w = int(ga[i]), int(gb[i]), int(a[i]), int(b[i]), int(inliers[i])
+            for s, t in ((p, q), (q, p)):
+                if w > best.get(s, (-1, -1))[0]:
+                    best[s] = (w, t)
+            (lo_images, hi_images) = sides.setdefault((min(p, q), max(p, q)), (set(), set()))
+            (lo_images if p < q else hi_images).add(x)
+            (hi_images if p < q else lo_images).add(y)
+        joins = [i for i in cross.tolist()
+                 if any(size[s] == 1 and best[s][1] == t for s, t in ((ga[i], gb[i]), (gb[i], ga[i])))
+                 or min(len(side) for side in sides[(min(ga[i], gb[i]), max(ga[i], gb[i]))]) >= 2]
+        if not joins:
+            return keep
+        keep[joins] = True
+        for i in joins:
+            p, q = find(int(ga[i])), find(int(gb[i]))
+            if p != q:
+                parent[max(p, q)] = min(p, q)
+                size[min(p, q)] += size[max(p, q)]

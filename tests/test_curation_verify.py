@@ -6,7 +6,7 @@ from curation_fixtures import distinct_images, encode
 from PIL import Image
 
 from curation import CurateConfig, run_pipeline
-from curation.verify import candidate_pairs, count_inliers, orb_keypoints, verify_pairs
+from curation.verify import candidate_pairs, collage_safe_joins, count_inliers, orb_keypoints, verify_pairs
 from training.config import load_config
 
 
@@ -30,6 +30,24 @@ def test_copy_has_many_inliers_and_unrelated_photos_few():
     assert flipped[0] >= 12
 
 
+def test_dim_low_contrast_copy_is_matched():
+    """FAST's corner threshold is absolute: a dim, low-contrast image (grey levels squeezed into 10 % of the range,
+    then blurred) had no keypoints at all before the contrast stretch, so it could never be verified."""
+    from PIL import ImageFilter
+
+    tiles = [t[1] for t in distinct_images(8, size=128)]
+    original = tiles[0]
+    dim = Image.eval(original, lambda v: 100 + v // 10).filter(ImageFilter.GaussianBlur(1.5))
+    dim = dim.rotate(90, expand=True)
+    assert len(orb_keypoints(dim).points) >= 50
+    same = count_inliers(orb_keypoints(dim), orb_keypoints(original))
+    others = [count_inliers(orb_keypoints(dim), orb_keypoints(t)) for t in tiles[1:]]
+    assert same >= 12, same
+    assert max(others) < 12, others
+    # seeded RANSAC: the same count every time
+    assert count_inliers(orb_keypoints(dim), orb_keypoints(original)) == same
+
+
 def test_candidate_pairs_are_the_near_misses_among_the_top_neighbours():
     indices = np.array([[0, 1, 2, 3], [1, 0, 3, -1], [2, 3, 0, 1]])
     sims = np.array([[1.0, 0.97, 0.5, 0.4], [1.0, 0.97, 0.6, 0.0], [1.0, 0.7, 0.5, 0.3]])
@@ -37,6 +55,26 @@ def test_candidate_pairs_are_the_near_misses_among_the_top_neighbours():
     # (0, 1) is already an edge (0.97 > 0.95), self matches and padding are dropped, (0, 3) is outside 0's top 3;
     # (2, 3) is found from row 2 (0.7); (0, 2) from row 0 first (0.5)
     assert list(zip(a.tolist(), b.tolist(), w.tolist())) == [(0, 2, 0.5), (1, 3, 0.6), (2, 3, 0.7)]
+
+
+def test_a_collage_does_not_merge_its_two_sources():
+    """Groups: {0, 1, 2} (image A and two copies), {3, 4} (image B and a copy), {5} (a collage: B pasted into a
+    copy of A), {6} (a crop of A), {7} (a crop of the crop 6). The collage matches A's group strongly and B's
+    weakly: it joins A's group only, so A and B stay apart; the crops join A's group through their best partners."""
+    labels = np.array([0, 0, 0, 3, 3, 5, 6, 7])
+    sizes = np.bincount(labels, minlength=8)
+    a = np.array([0, 3, 4, 0, 1, 6])
+    b = np.array([5, 5, 5, 6, 6, 7])
+    inliers = np.array([80, 30, 25, 40, 35, 20])
+    keep = collage_safe_joins(labels, sizes, a, b, inliers)
+    assert keep.tolist() == [True, False, False, True, True, True]
+    # two groups of several images join when the matches involve two images of each, not through one image
+    labels = np.array([0, 0, 2, 2, 4, 4])
+    sizes = np.bincount(labels, minlength=6)
+    a, b = np.array([0, 1, 0, 1]), np.array([2, 3, 4, 4])
+    assert collage_safe_joins(labels, sizes, a, b, np.array([20, 20, 90, 90])).tolist() == [True, True, False, False]
+    # a pair inside one group is never selected
+    assert collage_safe_joins(labels, sizes, np.array([0]), np.array([1]), np.array([99])).tolist() == [False]
 
 
 def test_pipeline_joins_a_verified_near_miss_and_reports_why(tmp_path):
@@ -78,6 +116,41 @@ def test_pipeline_joins_a_verified_near_miss_and_reports_why(tmp_path):
     card = (tmp_path / "on" / "README.md").read_text()
     assert card.count(">= 12 ORB keypoint matches fit one similarity transform") == 2  # dedup and decontamination
     assert "ORB" not in (tmp_path / "off" / "README.md").read_text()
+
+
+def test_pipeline_keeps_the_sources_of_a_collage_apart(tmp_path):
+    """Rows 0-1: image A and a JPEG copy; rows 2-3: image B and a JPEG copy (each pair at cosine 0.99, one group);
+    row 4: a collage, B pasted over half of A (cosine 0.5 to A, 0.4 to B: near misses). The collage matches both
+    A and B by keypoints; it joins A's group only, and B's group keeps its own image."""
+    tiles = [t[1] for t in distinct_images(6, size=128)]
+    a_img, b_img = tiles[0], tiles[1]
+    collage = a_img.copy()
+    collage.paste(b_img.resize((64, 64), Image.BICUBIC), (64, 64))
+    assert count_inliers(orb_keypoints(collage), orb_keypoints(b_img)) >= 12  # the weak match is there
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.standard_normal((16, 16)))[0]
+    near = np.sqrt(1 - 0.99**2)
+    emb = [basis[0], 0.99 * basis[0] + near * basis[5], basis[1], 0.99 * basis[1] + near * basis[6],
+           0.5 * basis[0] + 0.4 * basis[1] + np.sqrt(1 - 0.41) * basis[7]]
+    jpeg = [encode(im.convert("RGB"), "JPEG", quality=90) for im in (a_img, b_img)]
+    images = [encode(a_img), jpeg[0], encode(b_img), jpeg[1], encode(collage)]
+    feats = datasets.Features({"image": datasets.Image(), "emb": datasets.List(datasets.Value("float32"))})
+    datasets.Dataset.from_dict({"image": [{"bytes": x, "path": None} for x in images], "emb": [e.tolist() for e in emb]},
+                               features=feats).save_to_disk(str(tmp_path / "src"))
+    cfg = load_config(CurateConfig, [
+        f"sources=[{{name: src, path: {tmp_path / 'src'}}}]", "validate.min_size=32", "dedup.phash_max_distance=null",
+        "dedup.copy_detection.embedding_column=emb", "dedup.copy_detection.threshold=0.95",
+        "dedup.copy_detection.verify_min_inliers=12", "embed.model=null", "decontaminate.model=null",
+        "cluster.num_clusters=0", "select.mode=none", f"output.dir={tmp_path / 'out'}"])
+    stats = run_pipeline(cfg)
+    removed = {r["id"]: r for r in datasets.load_from_disk(str(tmp_path / "out" / "removed")).to_list()}
+    assert stats["num_rows"] == 2, removed  # one of A's group, one of B's group
+    assert removed["src/000000004"]["duplicate_of"] in {"src/000000000", "src/000000001"}
+    assert "ORB keypoint matches" in removed["src/000000004"]["reason"]
+    assert removed["src/000000003"]["duplicate_of"] == "src/000000002" or removed["src/000000002"]["duplicate_of"] \
+        == "src/000000003"
+    verify = stats["copy_detection_verify"]
+    assert verify["pairs_verified"] > verify["pairs_joined"] >= 1  # both matches were found, only A's joined
 
 
 def test_bad_verify_settings_are_named(tmp_path):

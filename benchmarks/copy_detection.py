@@ -196,24 +196,30 @@ def main(argv: list[str] | None = None) -> dict:
     dc_close = cd_close.copy()  # decontamination: every verified match counts (a collage holding an eval image)
     verify = None
     if args.verify_min_inliers is not None:
-        from curation.verify import candidate_pairs, collage_safe_joins, verify_pairs
+        from curation.verify import candidate_pairs, collage_safe_joins, geometric_veto, verify_pairs
 
         t0 = time.time()
         ranked = sims - 3 * np.eye(n)  # self last
         order = np.argsort(-ranked, axis=1)[:, : args.verify_top]
-        a, b, _ = candidate_pairs(order, np.take_along_axis(sims, order, 1), 0, args.verify_top, args.threshold)
-        inliers = verify_pairs(lambda row: images[row], a, b)
+        a, b, w = candidate_pairs(order, np.take_along_axis(sims, order, 1), 0, args.verify_top, args.threshold)
+        ca, cb = pairs(cd_close).T
+        inliers, fewest = verify_pairs(lambda row: images[row], np.concatenate([ca, a]), np.concatenate([cb, b]),
+                                       return_keypoints=True)
+        # dedup, as curate.py: cosine edges geometry contradicts are dropped; groups of the hash and cosine edges
+        # then join verified partners by collage_safe_joins
+        vetoed = geometric_veto(inliers[: len(ca)], fewest[: len(ca)])
+        cd_close[ca[vetoed], cb[vetoed]] = cd_close[cb[vetoed], ca[vetoed]] = False
+        inliers = inliers[len(ca):]
         verified = inliers >= args.verify_min_inliers
         dc_close[a[verified], b[verified]] = dc_close[b[verified], a[verified]] = True
-        # dedup, as curate.py: groups of the hash and cosine edges join their best verified partner only
         groups_before = components(n, np.concatenate([pairs(ph_close), pairs(cd_close)]))
         joined = verified.copy()
         joined[verified] = collage_safe_joins(groups_before, np.bincount(groups_before, minlength=n), a[verified],
-                                              b[verified], inliers[verified])
+                                              b[verified], w[verified])
         cd_close[a[joined], b[joined]] = cd_close[b[joined], a[joined]] = True
         verify = {"min_inliers": args.verify_min_inliers, "top": args.verify_top, "pairs_checked": len(a),
                   "pairs_verified": int(verified.sum()), "pairs_joined": int(joined.sum()),
-                  "seconds": round(time.time() - t0, 1)}
+                  "cosine_edges_vetoed": int(vetoed.sum()), "seconds": round(time.time() - t0, 1)}
     ph, cd = pairs(ph_close), pairs(cd_close)
     ph_only, both = components(n, ph), components(n, np.concatenate([ph, cd]))
     result = {"images": n, "originals": n_originals, "seed": args.seed, "stack": args.stack, "threshold": args.threshold,

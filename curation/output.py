@@ -113,8 +113,10 @@ def render_card(cfg: CurateConfig, stats: dict[str, Any], models: dict[str, str]
         "cd_model": models.get("copy_detection", "off"),
         "cd_k": cd.k,
         "cd_threshold": cd.threshold,
-        "cd_verify": verify(cd, "; a verified match joins a single image to its best-matching group, and two "
-                                      "groups only when it involves two images of each (a collage does not merge its sources)"),
+        "cd_verify": verify(cd, "; a verified match joins a single image to its most similar matching group, and "
+                                "two groups only when it involves two images of each (a collage does not merge its "
+                                "sources); a cosine edge between two keypoint-rich images that at most 3 matches "
+                                "support is dropped"),
         "dc_verify": verify(dc),
         "dc_model": models.get("decontaminate", "off"),
         "dc_threshold": dc.threshold,

@@ -64,7 +64,7 @@ from .output import (
 )
 from .selection import select_rows
 from .validate import validate_batch
-from .verify import candidate_pairs, collage_safe_joins, unique_pairs, verify_pairs
+from .verify import candidate_pairs, collage_safe_joins, geometric_veto, unique_pairs, verify_pairs
 
 META_COLUMNS = ["id", "source", "sha256", "phash", "phash_flip", "width", "height"]
 
@@ -340,8 +340,8 @@ class Pipeline:
             if self.comm is not None and not self.comm.is_main:
                 return None  # the merged blocks went to the main process
             if near_misses:  # keypoint check of the near misses (main process only)
-                cosine = tuple(np.concatenate([p[i] for p in parts]) for i in range(2))
-                parts.append(self.verified_edges(V, cd_rows, near_misses, c.verify_min_inliers, cosine))
+                cosine = tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+                parts = [self.verified_edges(V, cd_rows, near_misses, c.verify_min_inliers, cosine)]
             return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
 
         def reason(s: float) -> str:
@@ -356,23 +356,30 @@ class Pipeline:
 
     def verified_edges(self, V: datasets.Dataset, rows: np.ndarray,
                        near_misses: list[tuple[np.ndarray, np.ndarray, np.ndarray]], min_inliers: int,
-                       cosine: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Edges (a, b, cosine) among the near misses (per-block `candidate_pairs`) that pass the keypoint check
-        and join a group to its best partner (`collage_safe_joins`: a collage does not merge its two sources);
-        groups are the components of the `cosine` edges, their sizes count the rows earlier stages folded in."""
+                       cosine: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All copy-detection edges (a, b, cosine) once keypoints are checked: the `cosine` edges less those
+        geometry contradicts (`geometric_veto`), plus the near misses (per-block `candidate_pairs`) that pass the
+        keypoint check and join a group to its best partner (`collage_safe_joins`: a collage does not merge its two
+        sources); groups are the components of the kept cosine edges, their sizes count the rows earlier stages
+        folded in."""
         t0 = time.time()
+        ca, cb, cw = unique_pairs(np.minimum(cosine[0], cosine[1]), np.maximum(cosine[0], cosine[1]), cosine[2])
         a, b, w = unique_pairs(*(np.concatenate([m[i] for m in near_misses]) for i in range(3)))
-        inliers = verify_pairs(lambda i: decode_image(V[int(rows[i])]["image"], max_pixels=None), a, b)
+        inliers, fewest = verify_pairs(lambda i: decode_image(V[int(rows[i])]["image"], max_pixels=None),
+                                       np.concatenate([ca, a]), np.concatenate([cb, b]), return_keypoints=True)
+        vetoed = geometric_veto(inliers[: len(ca)], fewest[: len(ca)])
+        ca, cb, cw, inliers = ca[~vetoed], cb[~vetoed], cw[~vetoed], inliers[len(vetoed):]
         keep = inliers >= min_inliers
-        labels = connected_components(len(rows), *cosine)
+        labels = connected_components(len(rows), ca, cb)
         folded = np.bincount(self.rep, minlength=len(self.rep))[rows]
         sizes = np.bincount(labels, weights=folded, minlength=len(rows))
         verified = int(keep.sum())
-        keep[keep] = collage_safe_joins(labels, sizes, a[keep], b[keep], inliers[keep])
+        keep[keep] = collage_safe_joins(labels, sizes, a[keep], b[keep], w[keep])
         self.extra["copy_detection_verify"] = {"pairs_checked": int(len(a)), "pairs_verified": verified,
-                                               "pairs_joined": int(keep.sum()), "min_inliers": min_inliers,
+                                               "pairs_joined": int(keep.sum()), "cosine_edges_checked": len(vetoed),
+                                               "cosine_edges_vetoed": int(vetoed.sum()), "min_inliers": min_inliers,
                                                "seconds": round(time.time() - t0, 2)}
-        return a[keep], b[keep], w[keep]
+        return np.concatenate([ca, a[keep]]), np.concatenate([cb, b[keep]]), np.concatenate([cw, w[keep]])
 
     def retrieval_embeddings(self, V: datasets.Dataset, alive: np.ndarray, cd_rows: np.ndarray,
                              cd_store: EmbeddingStore | None, specs: dict[str, EmbedSpec | None],

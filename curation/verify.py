@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["Keypoints", "candidate_pairs", "collage_safe_joins", "count_inliers", "orb_keypoints", "unique_pairs",
-           "verify_pairs"]
+__all__ = ["Keypoints", "candidate_pairs", "collage_safe_joins", "count_inliers", "geometric_veto", "orb_keypoints",
+           "unique_pairs", "verify_pairs"]
 
 
 @dataclass(frozen=True)
@@ -103,10 +103,12 @@ def unique_pairs(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> tuple[np.ndarra
 
 
 def verify_pairs(load_a: Callable[[int], Image.Image], a: np.ndarray, b: np.ndarray,
-                 load_b: Callable[[int], Image.Image] | None = None) -> np.ndarray:
+                 load_b: Callable[[int], Image.Image] | None = None, return_keypoints: bool = False,
+                 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Inlier count of each pair (a[i], b[i]): the larger of a's image and a's mirrored image against b's.
     `load_a(row)` gives the image of row a[i], `load_b` that of b[i] (default: `load_a`, pairs within one set).
-    Keypoints are cached (up to 8,192 images)."""
+    `return_keypoints`: also the keypoint count of the poorer image of each pair. Keypoints are cached (up to
+    8,192 images)."""
     cache: dict[tuple[bool, int, bool], Keypoints] = {}
 
     def keypoints(side_b: bool, row: int, mirrored: bool) -> Keypoints:
@@ -119,13 +121,24 @@ def verify_pairs(load_a: Callable[[int], Image.Image], a: np.ndarray, b: np.ndar
         return cache[key]
 
     out = np.zeros(len(a), dtype=np.int64)
+    fewest = np.zeros(len(a), dtype=np.int64)
     for i, (x, y) in enumerate(zip(a.tolist(), b.tolist())):
-        target = keypoints(True, y, False)
-        out[i] = max(count_inliers(keypoints(False, x, False), target), count_inliers(keypoints(False, x, True), target))
-    return out
+        target, source = keypoints(True, y, False), keypoints(False, x, False)
+        out[i] = max(count_inliers(source, target), count_inliers(keypoints(False, x, True), target))
+        fewest[i] = min(len(source.points), len(target.points))
+    return (out, fewest) if return_keypoints else out
 
 
-def collage_safe_joins(labels: np.ndarray, sizes: np.ndarray, a: np.ndarray, b: np.ndarray, inliers: np.ndarray,
+def geometric_veto(inliers: np.ndarray, keypoints: np.ndarray, min_keypoints: int = 80, max_inliers: int = 3,
+                   ) -> np.ndarray:
+    """Which cosine edges to drop: both images rich in keypoints (the poorer has >= `min_keypoints`), yet at most
+    `max_inliers` of their matches fit one transform. The descriptor then says "same image" where geometry says
+    "different": a detector error (seen on tiles of one photo). Keypoint-poor images (flat, blurred) keep their
+    cosine edges, because there geometry has nothing to say."""
+    return (np.asarray(keypoints) >= min_keypoints) & (np.asarray(inliers) <= max_inliers)
+
+
+def collage_safe_joins(labels: np.ndarray, sizes: np.ndarray, a: np.ndarray, b: np.ndarray, similarity: np.ndarray,
                        ) -> np.ndarray:
     """Which verified pairs (a[i], b[i]) join their groups: bool mask.
 
@@ -133,7 +146,8 @@ def collage_safe_joins(labels: np.ndarray, sizes: np.ndarray, a: np.ndarray, b: 
     transitive: a collage (one image pasted into another) matches both of its sources, and joining on every
     match would make the two sources, and all their copies, one duplicate group. Groups start as `labels` (the
     components the hash and cosine edges formed; `sizes[label]`: images per group) and grow in rounds:
-    - a single image joins the group it shares the most inliers with (its best partner), and no other;
+    - a single image joins the verified partner group it is most similar to (`similarity`: curate.py passes the
+      cosine, a whole-image judgement; inlier counts would favour the image pasted into a collage), and no other;
     - two groups of several images join when their matches involve at least two images on each side. A
       collage's matches to its second source all go through the collage alone, so that source stays apart.
     Pairs inside one group are not needed and not selected. Deterministic (ties: the first pair)."""
@@ -152,12 +166,12 @@ def collage_safe_joins(labels: np.ndarray, sizes: np.ndarray, a: np.ndarray, b: 
         ga = np.array([find(group[x]) for x in a.tolist()], dtype=np.int64)
         gb = np.array([find(group[x]) for x in b.tolist()], dtype=np.int64)
         cross = np.nonzero(ga != gb)[0]
-        best: dict[int, tuple[int, int]] = {}  # group -> (inliers, partner group)
+        best: dict[int, tuple[float, int]] = {}  # group -> (similarity, partner group)
         sides: dict[tuple[int, int], tuple[set[int], set[int]]] = {}  # (low group, high group) -> images of each
         for i in cross.tolist():
-            p, q, x, y, w = int(ga[i]), int(gb[i]), int(a[i]), int(b[i]), int(inliers[i])
+            p, q, x, y, w = int(ga[i]), int(gb[i]), int(a[i]), int(b[i]), float(similarity[i])
             for s, t in ((p, q), (q, p)):
-                if w > best.get(s, (-1, -1))[0]:
+                if w > best.get(s, (-np.inf, -1))[0]:
                     best[s] = (w, t)
             (lo_images, hi_images) = sides.setdefault((min(p, q), max(p, q)), (set(), set()))
             (lo_images if p < q else hi_images).add(x)

@@ -6,7 +6,14 @@ from curation_fixtures import distinct_images, encode
 from PIL import Image
 
 from curation import CurateConfig, run_pipeline
-from curation.verify import candidate_pairs, collage_safe_joins, count_inliers, orb_keypoints, verify_pairs
+from curation.verify import (
+    candidate_pairs,
+    collage_safe_joins,
+    count_inliers,
+    geometric_veto,
+    orb_keypoints,
+    verify_pairs,
+)
 from training.config import load_config
 
 
@@ -151,6 +158,37 @@ def test_pipeline_keeps_the_sources_of_a_collage_apart(tmp_path):
         == "src/000000003"
     verify = stats["copy_detection_verify"]
     assert verify["pairs_verified"] > verify["pairs_joined"] >= 1  # both matches were found, only A's joined
+
+
+def test_cosine_edge_that_geometry_contradicts_is_dropped(tmp_path):
+    """Rows 0 and 1 are different textured tiles the embedding calls copies (cosine 0.99): with the keypoint check on,
+    the edge is dropped (both images have many keypoints, none agree) and both rows are kept; off, one is removed.
+    A near-flat pair keeps its cosine edge: geometry has nothing to say there."""
+    tiles = [t[1] for t in distinct_images(4, size=128)]
+    inliers, fewest = verify_pairs(lambda i: tiles[i], np.array([0]), np.array([1]), return_keypoints=True)
+    assert fewest[0] >= 80 and inliers[0] <= 3  # the precondition of the veto
+    assert geometric_veto(inliers, fewest).tolist() == [True]
+    assert geometric_veto(np.array([0]), np.array([20])).tolist() == [False]  # keypoint-poor: no veto
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.standard_normal((16, 16)))[0]
+    emb = [basis[0], 0.99 * basis[0] + np.sqrt(1 - 0.99**2) * basis[5], basis[1], basis[2]]
+    feats = datasets.Features({"image": datasets.Image(), "emb": datasets.List(datasets.Value("float32"))})
+    datasets.Dataset.from_dict({"image": [{"bytes": encode(t), "path": None} for t in tiles],
+                                "emb": [e.tolist() for e in emb]}, features=feats).save_to_disk(str(tmp_path / "src"))
+
+    def run(out: str, verify: str) -> dict:
+        cfg = load_config(CurateConfig, [
+            f"sources=[{{name: src, path: {tmp_path / 'src'}}}]", "validate.min_size=32",
+            "dedup.phash_max_distance=null", "dedup.copy_detection.embedding_column=emb",
+            "dedup.copy_detection.threshold=0.95", f"dedup.copy_detection.verify_min_inliers={verify}",
+            "embed.model=null", "decontaminate.model=null", "cluster.num_clusters=0", "select.mode=none",
+            f"output.dir={tmp_path / out}"])
+        return run_pipeline(cfg)
+
+    assert run("off", "null")["num_rows"] == 3
+    stats = run("on", "12")
+    assert stats["num_rows"] == 4
+    assert stats["copy_detection_verify"]["cosine_edges_vetoed"] == 1
 
 
 def test_bad_verify_settings_are_named(tmp_path):

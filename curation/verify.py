@@ -167,18 +167,16 @@ def collage_safe_joins(labels: np.ndarray, sizes: np.ndarray, a: np.ndarray, b: 
         gb = np.array([find(group[x]) for x in b.tolist()], dtype=np.int64)
         cross = np.nonzero(ga != gb)[0]
         best: dict[int, tuple[float, int]] = {}  # group -> (similarity, partner group)
-        sides: dict[tuple[int, int], tuple[set[int], set[int]]] = {}  # (low group, high group) -> images of each
+        touching: dict[tuple[int, int], set[int]] = {}  # (group, partner group) -> the group's images in matches
         for i in cross.tolist():
-            p, q, x, y, w = int(ga[i]), int(gb[i]), int(a[i]), int(b[i]), float(similarity[i])
-            for s, t in ((p, q), (q, p)):
+            p, q, w = int(ga[i]), int(gb[i]), float(similarity[i])
+            for s, t, image in ((p, q, int(a[i])), (q, p, int(b[i]))):
                 if w > best.get(s, (-np.inf, -1))[0]:
                     best[s] = (w, t)
-            (lo_images, hi_images) = sides.setdefault((min(p, q), max(p, q)), (set(), set()))
-            (lo_images if p < q else hi_images).add(x)
-            (hi_images if p < q else lo_images).add(y)
+                touching.setdefault((s, t), set()).add(image)
         joins = [i for i in cross.tolist()
                  if any(size[s] == 1 and best[s][1] == t for s, t in ((ga[i], gb[i]), (gb[i], ga[i])))
-                 or min(len(side) for side in sides[(min(ga[i], gb[i]), max(ga[i], gb[i]))]) >= 2]
+                 or min(len(touching[(ga[i], gb[i])]), len(touching[(gb[i], ga[i])])) >= 2]
         if not joins:
             return keep
         keep[joins] = True

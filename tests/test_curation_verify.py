@@ -72,16 +72,16 @@ def test_a_collage_does_not_merge_its_two_sources():
     sizes = np.bincount(labels, minlength=8)
     a = np.array([0, 3, 4, 0, 1, 6])
     b = np.array([5, 5, 5, 6, 6, 7])
-    inliers = np.array([80, 30, 25, 40, 35, 20])
-    keep = collage_safe_joins(labels, sizes, a, b, inliers)
+    similarity = np.array([0.9, 0.6, 0.5, 0.8, 0.7, 0.4])
+    keep = collage_safe_joins(labels, sizes, a, b, similarity)
     assert keep.tolist() == [True, False, False, True, True, True]
     # two groups of several images join when the matches involve two images of each, not through one image
     labels = np.array([0, 0, 2, 2, 4, 4])
     sizes = np.bincount(labels, minlength=6)
     a, b = np.array([0, 1, 0, 1]), np.array([2, 3, 4, 4])
-    assert collage_safe_joins(labels, sizes, a, b, np.array([20, 20, 90, 90])).tolist() == [True, True, False, False]
+    assert collage_safe_joins(labels, sizes, a, b, np.array([0.2, 0.2, 0.9, 0.9])).tolist() == [True, True, False, False]
     # a pair inside one group is never selected
-    assert collage_safe_joins(labels, sizes, np.array([0]), np.array([1]), np.array([99])).tolist() == [False]
+    assert collage_safe_joins(labels, sizes, np.array([0]), np.array([1]), np.array([0.99])).tolist() == [False]
 
 
 def test_pipeline_joins_a_verified_near_miss_and_reports_why(tmp_path):

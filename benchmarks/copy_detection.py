@@ -174,6 +174,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also join each image's --verify_top nearest neighbours below the threshold when this many "
                              "ORB keypoint matches fit one similarity transform (curation/verify.py; off by default)")
     parser.add_argument("--verify_top", type=int, default=10)
+    parser.add_argument("--verify_dense_min_inliers", type=int, default=None,
+                        help="pairs below this many inliers are checked again with 800 keypoints per image and join "
+                             "when this many fit (curate.py's verify_dense_min_inliers; off by default)")
     args = parser.parse_args(argv)
 
     from curation.embed import Embedder, resolve_model
@@ -204,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         a, b, w = candidate_pairs(order, np.take_along_axis(sims, order, 1), 0, args.verify_top, args.threshold)
         ca, cb = pairs(cd_close).T
         inliers, fewest = verify_pairs(lambda row: images[row], np.concatenate([ca, a]), np.concatenate([cb, b]),
-                                       return_keypoints=True)
+                                       return_keypoints=True, dense_min_inliers=args.verify_dense_min_inliers)
         # dedup, as curate.py: cosine edges geometry contradicts are dropped; groups of the hash and cosine edges
         # then join verified partners by collage_safe_joins
         vetoed = geometric_veto(inliers[: len(ca)], fewest[: len(ca)])
@@ -217,7 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
         joined[verified] = collage_safe_joins(groups_before, np.bincount(groups_before, minlength=n), a[verified],
                                               b[verified], w[verified])
         cd_close[a[joined], b[joined]] = cd_close[b[joined], a[joined]] = True
-        verify = {"min_inliers": args.verify_min_inliers, "top": args.verify_top, "pairs_checked": len(a),
+        verify = {"min_inliers": args.verify_min_inliers, "dense_min_inliers": args.verify_dense_min_inliers,
+                  "top": args.verify_top, "pairs_checked": len(a),
                   "pairs_verified": int(verified.sum()), "pairs_joined": int(joined.sum()),
                   "cosine_edges_vetoed": int(vetoed.sum()), "seconds": round(time.time() - t0, 1)}
     ph, cd = pairs(ph_close), pairs(cd_close)

@@ -94,8 +94,10 @@ def render_card(cfg: CurateConfig, stats: dict[str, Any], models: dict[str, str]
     def verify(section: Any, joins: str = "") -> str:
         if section.verify_min_inliers is None:
             return ""
+        dense = ("" if section.verify_dense_min_inliers is None else
+                 f" (or >= {section.verify_dense_min_inliers} with 800 keypoints per image)")
         return (f", or among the {section.verify_top} nearest: >= {section.verify_min_inliers} ORB keypoint matches "
-                f"fit one similarity transform (RANSAC){joins}")
+                f"fit one similarity transform (RANSAC){dense}{joins}")
 
     km = stats.get("cluster") or {}
     values = {

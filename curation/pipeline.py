@@ -109,6 +109,9 @@ def check_config(cfg: CurateConfig) -> None:
         if section.verify_min_inliers is not None and section.verify_min_inliers < 4:
             raise CurationError(f"{key}.verify_min_inliers must be >= 4 (a similarity transform fits any 3 "
                                 f"matches; 12 is the measured setting, docs/copy_detection.md) or null to turn it off")
+        if section.verify_dense_min_inliers is not None and section.verify_dense_min_inliers < 4:
+            raise CurationError(f"{key}.verify_dense_min_inliers must be >= 4 (20 is the measured setting, "
+                                f"docs/copy_detection.md) or null to turn the dense check off")
         if not 1 <= section.verify_top <= section.k:
             raise CurationError(f"{key}.verify_top must be in [1, {key}.k = {section.k}], got {section.verify_top}")
 
@@ -341,7 +344,8 @@ class Pipeline:
                 return None  # the merged blocks went to the main process
             if near_misses:  # keypoint check of the near misses (main process only)
                 cosine = tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
-                parts = [self.verified_edges(V, cd_rows, near_misses, c.verify_min_inliers, cosine)]
+                parts = [self.verified_edges(V, cd_rows, near_misses, c.verify_min_inliers, cosine,
+                                             c.verify_dense_min_inliers)]
             return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
 
         def reason(s: float) -> str:
@@ -350,13 +354,14 @@ class Pipeline:
             return f"near_duplicate: cosine {s:.4f}, >= {c.verify_min_inliers} ORB keypoint matches fit one transform"
 
         key = fingerprint("copy", cd_key, spec.identity(), c.k, c.threshold, dataclasses.asdict(cfg.index),
-                          c.verify_min_inliers, c.verify_top)
+                          c.verify_min_inliers, c.verify_top, c.verify_dense_min_inliers)
         alive = self.dedup_stage("copy_dedup", key, alive, cd_edges, reason, collective=True)
         return alive, cd_rows, store
 
     def verified_edges(self, V: datasets.Dataset, rows: np.ndarray,
                        near_misses: list[tuple[np.ndarray, np.ndarray, np.ndarray]], min_inliers: int,
-                       cosine: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                       cosine: tuple[np.ndarray, np.ndarray, np.ndarray], dense_min_inliers: int | None = None,
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """All copy-detection edges (a, b, cosine) once keypoints are checked: the `cosine` edges less those
         geometry contradicts (`geometric_veto`), plus the near misses (per-block `candidate_pairs`) that pass the
         keypoint check and join a group to its best partner (`collage_safe_joins`: a collage does not merge its two
@@ -366,7 +371,8 @@ class Pipeline:
         ca, cb, cw = unique_pairs(np.minimum(cosine[0], cosine[1]), np.maximum(cosine[0], cosine[1]), cosine[2])
         a, b, w = unique_pairs(*(np.concatenate([m[i] for m in near_misses]) for i in range(3)))
         inliers, fewest = verify_pairs(lambda i: decode_image(V[int(rows[i])]["image"], max_pixels=None),
-                                       np.concatenate([ca, a]), np.concatenate([cb, b]), return_keypoints=True)
+                                       np.concatenate([ca, a]), np.concatenate([cb, b]), return_keypoints=True,
+                                       dense_min_inliers=dense_min_inliers)
         vetoed = geometric_veto(inliers[: len(ca)], fewest[: len(ca)])
         ca, cb, cw, inliers = ca[~vetoed], cb[~vetoed], cw[~vetoed], inliers[len(vetoed):]
         keep = inliers >= min_inliers
@@ -378,6 +384,7 @@ class Pipeline:
         self.extra["copy_detection_verify"] = {"pairs_checked": int(len(a)), "pairs_verified": verified,
                                                "pairs_joined": int(keep.sum()), "cosine_edges_checked": len(vetoed),
                                                "cosine_edges_vetoed": int(vetoed.sum()), "min_inliers": min_inliers,
+                                               "dense_min_inliers": dense_min_inliers,
                                                "seconds": round(time.time() - t0, 2)}
         return np.concatenate([ca, a[keep]]), np.concatenate([cb, b[keep]]), np.concatenate([cw, w[keep]])
 
@@ -421,7 +428,8 @@ class Pipeline:
         key = fingerprint("decontaminate", vkey, _index_key(alive), _index_key(cd_rows), ev._fingerprint,
                           dc_spec.identity() if dc_spec else None, cfg.decontaminate.threshold,
                           cfg.decontaminate.k, cfg.dedup.exact, cfg.dedup.phash_max_distance,
-                          cfg.decontaminate.verify_min_inliers, cfg.decontaminate.verify_top)
+                          cfg.decontaminate.verify_min_inliers, cfg.decontaminate.verify_top,
+                          cfg.decontaminate.verify_dense_min_inliers)
 
         ev_ids = ev_meta["id"]
 
@@ -443,7 +451,8 @@ class Pipeline:
             if near_misses and (self.comm is None or self.comm.is_main):
                 e, r, cos = (np.array(x) for x in zip(*near_misses))
                 inliers = verify_pairs(lambda i: decode_image(ev[int(i)]["image"], max_pixels=None), e, r,
-                                       lambda i: decode_image(V[int(cd_rows[i])]["image"], max_pixels=None))
+                                       lambda i: decode_image(V[int(cd_rows[i])]["image"], max_pixels=None),
+                                       dense_min_inliers=d.verify_dense_min_inliers)
                 hits += [(int(cd_rows[r[i]]), ev_ids[e[i]], f"cosine {cos[i]:.4f}, {inliers[i]} ORB keypoint "
                           f"matches fit one transform (>= {d.verify_min_inliers})")
                          for i in np.nonzero(inliers >= d.verify_min_inliers)[0]]

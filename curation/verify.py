@@ -104,28 +104,40 @@ def unique_pairs(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> tuple[np.ndarra
 
 def verify_pairs(load_a: Callable[[int], Image.Image], a: np.ndarray, b: np.ndarray,
                  load_b: Callable[[int], Image.Image] | None = None, return_keypoints: bool = False,
+                 dense_min_inliers: int | None = None, dense_keypoints: int = 800,
                  ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Inlier count of each pair (a[i], b[i]): the larger of a's image and a's mirrored image against b's.
     `load_a(row)` gives the image of row a[i], `load_b` that of b[i] (default: `load_a`, pairs within one set).
-    `return_keypoints`: also the keypoint count of the poorer image of each pair. Keypoints are cached (up to
-    8,192 images)."""
-    cache: dict[tuple[bool, int, bool], Keypoints] = {}
+    `return_keypoints`: also the keypoint count of the poorer image of each pair.
 
-    def keypoints(side_b: bool, row: int, mirrored: bool) -> Keypoints:
-        key = (side_b and load_b is not None, row, mirrored)
+    `dense_min_inliers`: a pair with fewer inliers than this is checked again with `dense_keypoints` per image,
+    and that count replaces the first when it reaches `dense_min_inliers`. A small crop holds few of its
+    original's 400 keypoints; with twice as many some crops match, but so do repetitive structures (girders,
+    print), hence the stricter count for the dense check. Keypoints are cached (up to 8,192 images)."""
+    cache: dict[tuple[bool, int, bool, int], Keypoints] = {}
+
+    def keypoints(side_b: bool, row: int, mirrored: bool, n: int = 400) -> Keypoints:
+        key = (side_b and load_b is not None, row, mirrored, n)
         if key not in cache:
             if len(cache) >= 8192:  # bounded memory on big candidate sets (~110 kB per entry)
                 cache.clear()
             image = (load_b if key[0] else load_a)(row)
-            cache[key] = orb_keypoints(ImageOps.mirror(image) if mirrored else image)
+            cache[key] = orb_keypoints(ImageOps.mirror(image) if mirrored else image, n_keypoints=n)
         return cache[key]
+
+    def inliers(x: int, y: int, n: int = 400) -> int:
+        target = keypoints(True, y, False, n)
+        return max(count_inliers(keypoints(False, x, False, n), target),
+                   count_inliers(keypoints(False, x, True, n), target))
 
     out = np.zeros(len(a), dtype=np.int64)
     fewest = np.zeros(len(a), dtype=np.int64)
     for i, (x, y) in enumerate(zip(a.tolist(), b.tolist())):
-        target, source = keypoints(True, y, False), keypoints(False, x, False)
-        out[i] = max(count_inliers(source, target), count_inliers(keypoints(False, x, True), target))
-        fewest[i] = min(len(source.points), len(target.points))
+        out[i] = inliers(x, y)
+        if dense_min_inliers is not None and out[i] < dense_min_inliers:
+            dense = inliers(x, y, dense_keypoints)
+            out[i] = dense if dense >= dense_min_inliers else out[i]
+        fewest[i] = min(len(keypoints(False, x, False).points), len(keypoints(True, y, False).points))
     return (out, fewest) if return_keypoints else out
 
 

@@ -55,6 +55,20 @@ def test_dim_low_contrast_copy_is_matched():
     assert count_inliers(orb_keypoints(dim), orb_keypoints(original)) == same
 
 
+def test_dense_check_finds_a_small_crop_the_first_check_misses():
+    """A 35 % crop of a tile, upscaled: few of the tile's 400 keypoints lie inside it, so the first check finds too
+    few inliers; with 800 per image it passes the stricter count, and unrelated tiles stay far below it."""
+    tiles = [t[1] for t in distinct_images(8, size=128)]
+    w = tiles[1].width
+    crop = tiles[1].crop((int(0.4 * w), int(0.4 * w), int(0.75 * w), int(0.75 * w))).resize((128, 128), Image.BICUBIC)
+    images = [crop, *tiles]
+    others = np.array([i for i in range(1, 9) if i != 2])
+    first = verify_pairs(lambda i: images[i], np.array([0]), np.array([2]))
+    dense = verify_pairs(lambda i: images[i], np.zeros(8, dtype=np.int64), np.array([2, *others]), dense_min_inliers=20)
+    assert first[0] < 12 <= 20 <= dense[0], (first, dense)
+    assert dense[1:].max() < 12, dense  # unrelated tiles keep their (low) first count
+
+
 def test_candidate_pairs_are_the_near_misses_among_the_top_neighbours():
     indices = np.array([[0, 1, 2, 3], [1, 0, 3, -1], [2, 3, 0, 1]])
     sims = np.array([[1.0, 0.97, 0.5, 0.4], [1.0, 0.97, 0.6, 0.0], [1.0, 0.7, 0.5, 0.3]])
@@ -147,7 +161,8 @@ def test_pipeline_keeps_the_sources_of_a_collage_apart(tmp_path):
     cfg = load_config(CurateConfig, [
         f"sources=[{{name: src, path: {tmp_path / 'src'}}}]", "validate.min_size=32", "dedup.phash_max_distance=null",
         "dedup.copy_detection.embedding_column=emb", "dedup.copy_detection.threshold=0.95",
-        "dedup.copy_detection.verify_min_inliers=12", "embed.model=null", "decontaminate.model=null",
+        "dedup.copy_detection.verify_min_inliers=12", "dedup.copy_detection.verify_dense_min_inliers=20",
+        "embed.model=null", "decontaminate.model=null",
         "cluster.num_clusters=0", "select.mode=none", f"output.dir={tmp_path / 'out'}"])
     stats = run_pipeline(cfg)
     removed = {r["id"]: r for r in datasets.load_from_disk(str(tmp_path / "out" / "removed")).to_list()}
@@ -158,6 +173,7 @@ def test_pipeline_keeps_the_sources_of_a_collage_apart(tmp_path):
         == "src/000000003"
     verify = stats["copy_detection_verify"]
     assert verify["pairs_verified"] > verify["pairs_joined"] >= 1  # both matches were found, only A's joined
+    assert verify["dense_min_inliers"] == 20
 
 
 def test_cosine_edge_that_geometry_contradicts_is_dropped(tmp_path):
@@ -198,6 +214,7 @@ def test_bad_verify_settings_are_named(tmp_path):
     from curation.pipeline import check_config
 
     for override, message in (("dedup.copy_detection.verify_min_inliers=3", "verify_min_inliers must be >= 4"),
+                              ("decontaminate.verify_dense_min_inliers=2", "verify_dense_min_inliers must be >= 4"),
                               ("decontaminate.verify_top=100", "decontaminate.verify_top must be in [1,")):
         cfg = load_config(CurateConfig, [f"sources=[{{name: a, path: {tmp_path}}}]", "select.mode=none", override])
         with pytest.raises(CurationError, match=message.replace("[", r"\[")):

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from model_cards import DATASET_CARD, load_template, public_name
 
 from .config import CurateConfig
+from .verify import DENSE_KEYPOINTS
 
 MANIFEST_SCHEMA = pa.schema([("id", pa.string()), ("step", pa.string()), ("reason", pa.string()),
                              ("duplicate_of", pa.string())])
@@ -95,7 +96,7 @@ def render_card(cfg: CurateConfig, stats: dict[str, Any], models: dict[str, str]
         if section.verify_min_inliers is None:
             return ""
         dense = ("" if section.verify_dense_min_inliers is None else
-                 f" (or >= {section.verify_dense_min_inliers} with 800 keypoints per image)")
+                 f" (or >= {section.verify_dense_min_inliers} with {DENSE_KEYPOINTS} keypoints per image)")
         return (f", or among the {section.verify_top} nearest: >= {section.verify_min_inliers} ORB keypoint matches "
                 f"fit one similarity transform (RANSAC){dense}{joins}")
 

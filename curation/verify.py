@@ -20,8 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["Keypoints", "candidate_pairs", "collage_safe_joins", "count_inliers", "geometric_veto", "orb_keypoints",
+__all__ = ["DENSE_KEYPOINTS", "KEYPOINTS", "Keypoints", "candidate_pairs", "collage_safe_joins", "count_inliers", "geometric_veto", "orb_keypoints",
            "unique_pairs", "verify_pairs"]
+
+
+KEYPOINTS = 400  # ORB keypoints per image in the first check
+DENSE_KEYPOINTS = 800  # ... and in the dense second check (`verify_pairs(dense_min_inliers=...)`)
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,7 @@ class Keypoints:
     descriptors: np.ndarray  # [n, 256] bool (ORB's binary tests)
 
 
-def orb_keypoints(image: Image.Image, size: int = 256, n_keypoints: int = 400) -> Keypoints:
+def orb_keypoints(image: Image.Image, size: int = 256, n_keypoints: int = KEYPOINTS) -> Keypoints:
     """ORB keypoints of `image` converted to grey, resized so its longer side is `size` px and contrast-stretched."""
     from skimage.feature import ORB
 
@@ -104,7 +108,7 @@ def unique_pairs(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> tuple[np.ndarra
 
 def verify_pairs(load_a: Callable[[int], Image.Image], a: np.ndarray, b: np.ndarray,
                  load_b: Callable[[int], Image.Image] | None = None, return_keypoints: bool = False,
-                 dense_min_inliers: int | None = None, dense_keypoints: int = 800,
+                 dense_min_inliers: int | None = None, dense_keypoints: int = DENSE_KEYPOINTS,
                  ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Inlier count of each pair (a[i], b[i]): the larger of a's image and a's mirrored image against b's.
     `load_a(row)` gives the image of row a[i], `load_b` that of b[i] (default: `load_a`, pairs within one set).
@@ -116,7 +120,7 @@ def verify_pairs(load_a: Callable[[int], Image.Image], a: np.ndarray, b: np.ndar
     print), hence the stricter count for the dense check. Keypoints are cached (up to 8,192 images)."""
     cache: dict[tuple[bool, int, bool, int], Keypoints] = {}
 
-    def keypoints(side_b: bool, row: int, mirrored: bool, n: int = 400) -> Keypoints:
+    def keypoints(side_b: bool, row: int, mirrored: bool, n: int = KEYPOINTS) -> Keypoints:
         key = (side_b and load_b is not None, row, mirrored, n)
         if key not in cache:
             if len(cache) >= 8192:  # bounded memory on big candidate sets (~110 kB per entry)
@@ -125,7 +129,7 @@ def verify_pairs(load_a: Callable[[int], Image.Image], a: np.ndarray, b: np.ndar
             cache[key] = orb_keypoints(ImageOps.mirror(image) if mirrored else image, n_keypoints=n)
         return cache[key]
 
-    def inliers(x: int, y: int, n: int = 400) -> int:
+    def inliers(x: int, y: int, n: int = KEYPOINTS) -> int:
         target = keypoints(True, y, False, n)
         return max(count_inliers(keypoints(False, x, False, n), target),
                    count_inliers(keypoints(False, x, True, n), target))
@@ -136,7 +140,8 @@ def verify_pairs(load_a: Callable[[int], Image.Image], a: np.ndarray, b: np.ndar
         out[i] = inliers(x, y)
         if dense_min_inliers is not None and out[i] < dense_min_inliers:
             dense = inliers(x, y, dense_keypoints)
-            out[i] = dense if dense >= dense_min_inliers else out[i]
+            if dense >= dense_min_inliers:
+                out[i] = dense
         fewest[i] = min(len(keypoints(False, x, False).points), len(keypoints(True, y, False).points))
     return (out, fewest) if return_keypoints else out
 

@@ -163,8 +163,12 @@ def collage_safe_joins(labels: np.ndarray, sizes: np.ndarray, a: np.ndarray, b: 
     transitive: a collage (one image pasted into another) matches both of its sources, and joining on every
     match would make the two sources, and all their copies, one duplicate group. Groups start as `labels` (the
     components the hash and cosine edges formed; `sizes[label]`: images per group) and grow in rounds:
-    - a single image joins the verified partner group it is most similar to (`similarity`: curate.py passes the
-      cosine, a whole-image judgement; inlier counts would favour the image pasted into a collage), and no other;
+    - a single image joins one verified partner group and no other: the one it is most similar to
+      (`similarity`: curate.py passes the cosine, a whole-image judgement; inlier counts would favour the image
+      pasted into a collage) among the partner groups of several images, or among single images when it has no
+      such partner. An established group (images the hash or cosine edges already joined) is the safer anchor: a
+      lone partner may itself be a collage, or a crop about to join the original's group in the same round,
+      and a chain of single joins through it would strand the image or carry it into the wrong group;
     - two groups of several images join when their matches involve at least two images on each side. A
       collage's matches to its second source all go through the collage alone, so that source stays apart.
     Pairs inside one group are not needed and not selected. Deterministic (ties: the first pair)."""
@@ -183,13 +187,14 @@ def collage_safe_joins(labels: np.ndarray, sizes: np.ndarray, a: np.ndarray, b: 
         ga = np.array([find(group[x]) for x in a.tolist()], dtype=np.int64)
         gb = np.array([find(group[x]) for x in b.tolist()], dtype=np.int64)
         cross = np.nonzero(ga != gb)[0]
-        best: dict[int, tuple[float, int]] = {}  # group -> (similarity, partner group)
+        best: dict[int, tuple[tuple[bool, float], int]] = {}  # group -> ((partner has several, similarity), partner)
         touching: dict[tuple[int, int], set[int]] = {}  # (group, partner group) -> the group's images in matches
         for i in cross.tolist():
             p, q, w = int(ga[i]), int(gb[i]), float(similarity[i])
             for s, t, image in ((p, q, int(a[i])), (q, p, int(b[i]))):
-                if w > best.get(s, (-np.inf, -1))[0]:
-                    best[s] = (w, t)
+                rank = (bool(size[t] > 1), w)
+                if rank > best.get(s, ((False, -np.inf), -1))[0]:
+                    best[s] = (rank, t)
                 touching.setdefault((s, t), set()).add(image)
         joins = [i for i in cross.tolist()
                  if any(size[s] == 1 and best[s][1] == t for s, t in ((ga[i], gb[i]), (gb[i], ga[i])))

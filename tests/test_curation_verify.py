@@ -98,6 +98,33 @@ def test_a_collage_does_not_merge_its_two_sources():
     assert collage_safe_joins(labels, sizes, np.array([0]), np.array([1]), np.array([0.99])).tolist() == [False]
 
 
+def _final_groups(labels: np.ndarray, a: np.ndarray, b: np.ndarray, keep: np.ndarray) -> list[set[int]]:
+    from curation.graph import connected_components
+
+    joined = connected_components(len(labels), np.concatenate([a[keep], np.arange(len(labels))]),
+                                  np.concatenate([b[keep], labels]))
+    return sorted(({i for i in range(len(labels)) if joined[i] == r} for r in set(joined.tolist())), key=min)
+
+
+def test_a_single_image_prefers_an_established_group_to_a_lone_partner():
+    """Seen on benchmark seed 6. {0, 1}: photo A and a copy; {2, 3}: photo B and a copy; 4: a collage (B pasted
+    into A); 5: a rotated copy of B, more similar to the collage (0.76) than to B (0.70); 6: a recoloured B.
+    Chosen by cosine alone, 5 joined the lone collage while the collage joined A's group, and the two images of
+    B's side that then matched A's group (2 and 6) merged A and B. An established group is preferred: 5 joins B."""
+    labels = np.array([0, 0, 2, 2, 4, 5, 6])
+    sizes = np.bincount(labels, minlength=7)
+    a = np.array([0, 1, 2, 2, 4, 2, 6])
+    b = np.array([4, 4, 4, 5, 5, 6, 5])
+    similarity = np.array([0.87, 0.87, 0.66, 0.70, 0.76, 0.97, 0.65])
+    keep = collage_safe_joins(labels, sizes, a, b, similarity)
+    assert _final_groups(labels, a, b, keep) == [{0, 1, 4}, {2, 3, 5, 6}]
+    # two crops of one photo that match each other and the photo's group join that group, not each other first
+    labels = np.array([0, 0, 2, 3])
+    a, b = np.array([2, 0, 0]), np.array([3, 2, 3])
+    keep = collage_safe_joins(labels, np.bincount(labels, minlength=4), a, b, np.array([0.9, 0.6, 0.6]))
+    assert _final_groups(labels, a, b, keep) == [{0, 1, 2, 3}]
+
+
 def test_pipeline_joins_a_verified_near_miss_and_reports_why(tmp_path):
     """Row 7 is a rotated corner crop of row 0 whose embedding is far (cosine 0.5 < 0.95): only the keypoint
     check finds it; the eval image is a rotated crop of row 3 at cosine 0.3 < 0.45."""

@@ -116,7 +116,8 @@ def render_card(cfg: CurateConfig, stats: dict[str, Any], models: dict[str, str]
         "cd_model": models.get("copy_detection", "off"),
         "cd_k": cd.k,
         "cd_threshold": cd.threshold,
-        "cd_verify": verify(cd, "; a verified match joins a single image to its most similar matching group, and "
+        "cd_verify": verify(cd, "; a verified match joins a single image to its most similar matching group "
+                                "(groups of several images before lone images), and "
                                 "two groups only when it involves two images of each (a collage does not merge its "
                                 "sources); a cosine edge between two keypoint-rich images that at most 3 matches "
                                 "support is dropped"),

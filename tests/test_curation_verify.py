@@ -6,6 +6,7 @@ from curation_fixtures import distinct_images, encode
 from PIL import Image
 
 from curation import CurateConfig, run_pipeline
+from curation.graph import connected_components
 from curation.verify import (
     candidate_pairs,
     collage_safe_joins,
@@ -99,8 +100,6 @@ def test_a_collage_does_not_merge_its_two_sources():
 
 
 def _final_groups(labels: np.ndarray, a: np.ndarray, b: np.ndarray, keep: np.ndarray) -> list[set[int]]:
-    from curation.graph import connected_components
-
     joined = connected_components(len(labels), np.concatenate([a[keep], np.arange(len(labels))]),
                                   np.concatenate([b[keep], labels]))
     return sorted(({i for i in range(len(labels)) if joined[i] == r} for r in set(joined.tolist())), key=min)

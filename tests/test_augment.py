@@ -114,3 +114,15 @@ def test_official_blur_mode_is_bit_identical_to_official_pipeline(image):
         got = ours(image, seed=seed)
         for a, b in zip(expected["global_crops"] + expected["local_crops"], got["global_crops"] + got["local_crops"]):
             assert torch.equal(a, b)
+
+
+def test_hue_range_reaches_the_colour_jitter(image):
+    """`crops.hue` (0.5 = any hue) changes only the hue draw: same geometry, other colours; 0.1 is the default."""
+    from training.methods import load_train_config
+
+    assert load_train_config(["--config", str(Path(__file__).parents[1] / "configs" / "quickstart.yaml")]).crops.hue == 0.1
+    default = MultiCropAugmentation(28, 14, local_number=0)(image, seed=3)
+    explicit = MultiCropAugmentation(28, 14, local_number=0, hue=0.1)(image, seed=3)
+    wide = MultiCropAugmentation(28, 14, local_number=0, hue=0.5)(image, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(default["global_crops"], explicit["global_crops"]))
+    assert not all(torch.equal(a, b) for a, b in zip(default["global_crops"], wide["global_crops"]))

@@ -6,7 +6,7 @@ transforms in the same order, so for one torch seed it draws the same random num
 * 2 global crops: ``RandomResizedCrop(global_size, scale=global_scale, bicubic)`` + horizontal flip p 0.5
   (``horizontal_flip=False`` leaves the flips out, as DINOv3's high-resolution adaptation does);
   n local crops: the same with ``local_size`` / ``local_scale``.
-* every crop: colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1) with p 0.8, grayscale p 0.2,
+* every crop: colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1 = ``hue``) with p 0.8, grayscale p 0.2,
   Gaussian blur (kernel 9, sigma 0.1..2.0) with a per-crop probability (below); global crop 2 also gets
   solarize (threshold 128) p 0.2; then ``ToTensor`` and ImageNet mean/std normalisation.
 
@@ -88,6 +88,7 @@ class MultiCropAugmentation:
         local_scale: Sequence[float] = (0.05, 0.32),
         blur: Literal["intended", "official"] = "intended",
         horizontal_flip: bool = True,
+        hue: float = 0.1,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
@@ -102,6 +103,7 @@ class MultiCropAugmentation:
         self.local_scale = tuple(local_scale)
         self.blur = blur
         self.horizontal_flip = horizontal_flip
+        self.hue = hue
         blur_global1, blur_global2, blur_local = BLUR_PROBABILITIES[blur]
 
         bicubic = transforms.InterpolationMode.BICUBIC
@@ -116,7 +118,7 @@ class MultiCropAugmentation:
         colour = transforms.Compose(
             [
                 transforms.RandomApply(
-                    [transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8
+                    [transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=hue)], p=0.8
                 ),
                 transforms.RandomGrayscale(p=0.2),
             ]

@@ -19,7 +19,7 @@ from .augment import MultiCropAugmentation
 from .config import ConfigError, to_dict
 from .data import build_dataloader
 from .masking import BlockMaskGenerator
-from .train_config import TrainConfig
+from .train_config import CropsConfig, TrainConfig
 
 PipelineBuilder = Callable[..., DataLoader]
 _PIPELINES: dict[str, PipelineBuilder] = {}
@@ -108,22 +108,33 @@ def _two_views(options: dict[str, Any], cfg: TrainConfig, dataset: Any, *, rank:
     ViT's; S must be a multiple of it; None for a ConvNet)."""
     from dataclasses import asdict
 
+    from .data.background_swap import BackgroundSwap
     from .data.two_views import TwoViewAugmentation, ViewsConfig, build_two_view_loader
 
     crops = cfg.crops
     if crops.resolutions:
         raise ValueError("crops.resolutions (multi-resolution) is a multi-crop setting; the two_views pipeline uses "
                          "one view size, crops.global_size")
+    if crops.hue != CropsConfig.hue:
+        raise ConfigError(f"crops.hue={crops.hue} is the multi-crop pipeline's setting; the two-view methods take "
+                          f"the hue range from views.color_jitter (its 4th value), e.g. "
+                          f"views.color_jitter=[0.4,0.4,0.2,{crops.hue}]")
     patch = options.get("patch_size")
     if patch and crops.global_size % patch:
         raise ValueError(f"crops.global_size={crops.global_size} (the view size) is not a multiple of the patch size "
                          f"{patch}: use {crops.global_size // patch * patch} or {(crops.global_size // patch + 1) * patch}")
-    views = getattr(cfg, "views", None) or ViewsConfig()
-    augmentation = TwoViewAugmentation(crops.global_size, crops.global_scale, crops.horizontal_flip, **asdict(views))
+    views = asdict(getattr(cfg, "views", None) or ViewsConfig())
+    swap_probability = views.pop("background_swap")
+    allow_paths = True if cfg.data.allow_local_paths else None
+    swap = (BackgroundSwap.from_dataset(dataset, swap_probability, image_column=cfg.data.image_column,
+                                        seed=cfg.train.seed, allow_paths=allow_paths)
+            if swap_probability > 0 else None)
+    augmentation = TwoViewAugmentation(crops.global_size, crops.global_scale, crops.horizontal_flip, **views,
+                                       background_swap=swap)
     return build_two_view_loader(
         dataset, augmentation, cfg.optim.batch_size, image_column=cfg.data.image_column, seed=cfg.train.seed,
         num_replicas=world_size, rank=rank, num_workers=cfg.data.num_workers,
-        shuffle_buffer_size=cfg.data.shuffle_buffer, allow_paths=True if cfg.data.allow_local_paths else None,
+        shuffle_buffer_size=cfg.data.shuffle_buffer, allow_paths=allow_paths,
     )
 
 

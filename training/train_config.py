@@ -34,6 +34,8 @@ class CropsConfig:
     # intended (p 1.0 / 0.1 / 0.5) | official (the code's 0.0 / 0.9 / 0.5)
     blur: str = field(default="intended", metadata=check(choices=("intended", "official")))
     horizontal_flip: bool = True
+    # colour jitter's hue range (official 0.1 = ±36°; 0.5 = any hue): 0.5 when colour is a nuisance for the content
+    hue: float = field(default=0.1, metadata=check(ge=0, le=0.5))
     # DINOv3 multi-resolution: each batch draws one [global_size, local_size, probability] row (all processes
     # alike); empty = the fixed global_size / local_size above. See configs/highres_multires.yaml.
     resolutions: list[tuple[int, int, float]] = field(default_factory=list, metadata=check(rule=_resolution_rows))

@@ -32,6 +32,7 @@ from torchvision import transforms
 from modeling.convert import IMAGENET_MEAN, IMAGENET_STD
 
 from ..config import check
+from .background_swap import BackgroundSwap
 from .loader import SampleCollator, build_loader
 
 __all__ = ["TwoViewAugmentation", "ViewsConfig", "build_two_view_loader", "collate_two_views"]
@@ -51,6 +52,9 @@ class ViewsConfig:
     solarize_probability: tuple[float, float] = field(default=(0.0, 0.2), metadata=check(ge=0, le=1))
     # bicubic: Barlow Twins (and DINOv2's crops); bilinear: MoCo v3 and DenseCL (torchvision's default)
     interpolation: str = field(default="bicubic", metadata=check(choices=("bicubic", "bilinear")))
+    # probability, per view, of pasting the image's salient foreground onto another image's background
+    # (training/data/background_swap.py): small sets of objects on varied backgrounds; 0 = off (the references)
+    background_swap: float = field(default=0.0, metadata=check(ge=0, le=1))
 
 
 class RandomPILGaussianBlur:
@@ -87,6 +91,7 @@ class TwoViewAugmentation:
         interpolation: Literal["bicubic", "bilinear"] = "bicubic",
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        background_swap: BackgroundSwap | None = None,
     ) -> None:
         if len(blur_probability) != 2 or len(solarize_probability) != 2:
             raise ValueError("blur_probability and solarize_probability take one value per view, e.g. [1.0, 0.1]")
@@ -94,6 +99,7 @@ class TwoViewAugmentation:
         if interpolation not in mode:
             raise ValueError(f"views.interpolation must be 'bicubic' or 'bilinear', got {interpolation!r}")
         self.size, self.scale = size, tuple(scale)
+        self.background_swap = background_swap
         brightness, contrast, saturation, hue = color_jitter
         common = [
             transforms.RandomResizedCrop(size, scale=self.scale, interpolation=mode[interpolation]),
@@ -110,10 +116,16 @@ class TwoViewAugmentation:
         ]
 
     def __repr__(self) -> str:
-        return f"TwoViewAugmentation(size={self.size}, scale={self.scale}, views={self.views})"
+        swap = f", background_swap={self.background_swap}" if self.background_swap is not None else ""
+        return f"TwoViewAugmentation(size={self.size}, scale={self.scale}, views={self.views}{swap})"
 
     def _views(self, image: Image.Image) -> dict[str, torch.Tensor]:
-        return {"view1": self.views[0](image), "view2": self.views[1](image)}
+        if self.background_swap is None:
+            return {"view1": self.views[0](image), "view2": self.views[1](image)}
+        swap = self.background_swap  # each view its own background, drawn before its crop
+        view1 = self.views[0](swap(image))
+        view2 = self.views[1](swap(image))
+        return {"view1": view1, "view2": view2}
 
     def __call__(self, image: Image.Image, seed: int | None = None) -> dict[str, torch.Tensor]:
         """Both views of ``image`` (an RGB PIL image). With ``seed``, the result depends only on (seed, image)."""

@@ -17,6 +17,7 @@ from .grounding import GroundingConfig, GroundingForPretraining
 from .heads import DinoHead
 from .mocov3 import MoCoV3Config, MoCoV3ForPretraining
 from .pretraining import DinoForPretraining, DinoPretrainingConfig, DinoPretrainingOutput
+from .simclr import SimCLRConfig, SimCLRForPretraining
 from .text_alignment import TextAlignmentConfig, TextAlignmentForPretraining
 from .vision_transformer import DinoVisionConfig, DinoVisionModel
 
@@ -28,7 +29,7 @@ AutoModelForPreTraining.register(DinoPretrainingConfig, DinoForPretraining, exis
 for _config, _model in ((MoCoV3Config, MoCoV3ForPretraining), (BarlowTwinsConfig, BarlowTwinsForPretraining),
                         (DenseCLConfig, DenseCLForPretraining), (TextAlignmentConfig, TextAlignmentForPretraining),
                         (GroundingConfig, GroundingForPretraining),
-                        (CopyDetectionConfig, CopyDetectionForPretraining)):
+                        (CopyDetectionConfig, CopyDetectionForPretraining), (SimCLRConfig, SimCLRForPretraining)):
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     AutoModel.register(_config, _model, exist_ok=True)
     AutoModelForPreTraining.register(_config, _model, exist_ok=True)
@@ -71,6 +72,8 @@ __all__ = [
     "GroundingForPretraining",
     "MoCoV3Config",
     "MoCoV3ForPretraining",
+    "SimCLRConfig",
+    "SimCLRForPretraining",
     "TextAlignmentConfig",
     "TextAlignmentForPretraining",
     "convert",

@@ -1,5 +1,5 @@
 """Contrastive and redundancy-reduction objectives: MoCo v3, Barlow Twins, DenseCL (two views, BatchNorm
-projectors, momentum keys), CLIP-style image-text alignment and SSCD copy detection, as plain functions.
+projectors, momentum keys), SimCLR / SSCD NT-Xent and CLIP-style image-text alignment, as plain functions.
 
 Each reproduces its reference (moco-v3 `contrastive_loss`, barlowtwins `BarlowTwins.forward`, DenseCL
 `DenseCLNeck`/head, open_clip `ClipLoss`) to within fp32 rounding, including under ``torch.distributed``.
@@ -24,6 +24,7 @@ __all__ = [
     "densecl_loss",
     "gather_rows",
     "moco_v3_loss",
+    "nt_xent_loss",
     "off_diagonal",
 ]
 
@@ -266,13 +267,13 @@ def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Copy detection (SSCD, Pizzi et al. 2022): InfoNCE over the two edited views of every image of the global batch
+# SimCLR's NT-Xent, also SSCD's (copy detection, Pizzi et al. 2022) InfoNCE: both views of the global batch
 # --------------------------------------------------------------------------------------------------------------
 
 
-def copy_detection_infonce_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
-    """SSCD's InfoNCE (SimCLR's NT-Xent): each of the 2B descriptors of this process is scored against every other
-    descriptor of the global batch (both views of every process, gathered *with* gradient, itself excluded); its
+def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent (google-research/simclr `add_contrastive_loss`; SSCD's InfoNCE): each of the 2B
+    descriptors of this process is scored against every other descriptor of the global batch (both views of every process, gathered *with* gradient, itself excluded); its
     positive is the other view of the same image. ``z1``, ``z2`` ``[B, D]`` (L2-normalised here). Each process
     averages over its own 2B rows, so DDP's gradient average is the gradient of the global mean."""
     if z1.ndim != 2 or z1.shape != z2.shape:
@@ -286,4 +287,10 @@ def copy_detection_infonce_loss(z1: torch.Tensor, z2: torch.Tensor, temperature:
     own = torch.cat((rows, rows + n))  # column of each local row itself ...
     positive = torch.cat((rows + n, rows))  # ... and of its other view
     logits[torch.arange(2 * b, device=z1.device), own] = float("-inf")
+    # The reference sums its two views' means (loss_a + loss_b): 2x this value, the same minimiser.
     return F.cross_entropy(logits, positive)
+
+
+def copy_detection_infonce_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
+    """SSCD's InfoNCE: :func:`nt_xent_loss` at SSCD's temperature."""
+    return nt_xent_loss(z1, z2, temperature)

@@ -419,6 +419,7 @@ from .contrastive_losses import (  # noqa: E402
     densecl_loss,
     gather_rows,
     moco_v3_loss,
+    nt_xent_loss,
     off_diagonal,
 )
 
@@ -433,5 +434,6 @@ __all__ += [
     "densecl_loss",
     "gather_rows",
     "moco_v3_loss",
+    "nt_xent_loss",
     "off_diagonal",
 ]

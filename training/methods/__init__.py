@@ -10,6 +10,7 @@ from . import (
     distill_features,
     grounding,
     mocov3,
+    simclr,
     text_alignment,
 )
 from .registry import Method, available_methods, get_method, load_train_config, register_method
@@ -28,5 +29,6 @@ __all__ = [
     "load_train_config",
     "mocov3",
     "register_method",
+    "simclr",
     "text_alignment",
 ]

@@ -273,9 +273,10 @@ def clip_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
     """SimCLR's NT-Xent (google-research/simclr `add_contrastive_loss`; SSCD's InfoNCE): each of the 2B
-    descriptors of this process is scored against every other descriptor of the global batch (both views of every process, gathered *with* gradient, itself excluded); its
-    positive is the other view of the same image. ``z1``, ``z2`` ``[B, D]`` (L2-normalised here). Each process
-    averages over its own 2B rows, so DDP's gradient average is the gradient of the global mean."""
+    descriptors of this process is scored against every other descriptor of the global batch (both views of every
+    process, gathered *with* gradient, itself excluded); its positive is the other view of the same image. ``z1``,
+    ``z2`` ``[B, D]`` (L2-normalised here). Each process averages over its own 2B rows, so DDP's gradient average
+    is the gradient of the global mean."""
     if z1.ndim != 2 or z1.shape != z2.shape:
         raise ValueError(f"the two views' descriptors must both be [B, D], got {tuple(z1.shape)} and {tuple(z2.shape)}")
     z1, z2 = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)

@@ -16,8 +16,9 @@ the background swapped independently in each view, the object is what the two vi
 Masks of the bank images are computed once, batched, when the swap is built (``BackgroundSwap.from_dataset``);
 an image outside the bank gets its mask on first use (~0.1 s), cached in the worker up to ``MAX_CACHED`` masks (a
 mask depends only on the image, so the cache never changes results). The swap is meant for small datasets: the
-bank pass decodes up to ``max_images`` images once at start-up (16 s for the 800 images of `objects` on one core). Draws come from torch's default generator, which the augmentations fork and
-seed per sample: a resumed run sees the same swaps.
+bank pass decodes up to ``max_images`` images once at start-up (16 s for the 800 images of `objects` on one
+core). Draws come from torch's default generator, which the augmentations fork and seed per sample: a resumed
+run sees the same swaps.
 """
 
 from __future__ import annotations

@@ -92,8 +92,9 @@ def test_two_views_with_swap_are_reproducible_per_seed():
 
 def test_from_dataset_counts_undecodable_rows(caplog):
     good = [_photo(s) for s in range(3)]
-    # encoded bytes rows, as a parquet of images holds them; the last one is not an image
-    ds = datasets.Dataset.from_dict({"image": [_encode(im) for im in good] + [b"not an image"]})
+    # an Image column, as an image folder or a parquet of images has; the last file is a truncated JPEG
+    rows = [{"bytes": _encode(im), "path": None} for im in good] + [{"bytes": b"\xff\xd8\xff\xe0 cut", "path": None}]
+    ds = datasets.Dataset.from_dict({"image": rows}, features=datasets.Features({"image": datasets.Image()}))
     with caplog.at_level(logging.WARNING):
         swap = BackgroundSwap.from_dataset(ds, 0.5)
     assert len(swap.backgrounds) == 3

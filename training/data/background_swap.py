@@ -161,7 +161,9 @@ class BackgroundSwap:
         one; the first ones of a stream). Rows that do not decode are left out of the bank and counted in the log
         (the training loader reports and skips them as usual). ``decode_options``: ``max_pixels``, ``allow_paths``."""
         from .decode import ImageDecodeError, decode_image
+        from .loader import _without_decoding
 
+        dataset = _without_decoding(dataset, image_column, {})  # decoded here, so a broken file is counted, not fatal
         if hasattr(dataset, "__len__"):
             count = len(dataset)
             order = (np.random.default_rng(seed).choice(count, max_images, replace=False) if count > max_images

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from training.evaluation import knn_classify  # noqa: E402
-from training.objects_data import OBJECT_CLASSES, build_objects_dataset, render_object  # noqa: E402
+from training.objects_data import OBJECT_CLASSES, OBJECT_SPLITS, build_objects_dataset, render_object  # noqa: E402
 
 
 def load_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,58 +53,46 @@ def load_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255, torch.tensor(labels)
 
 
-def plain_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same shape generator on flat backgrounds of one random colour (80 / 40 per class)."""
-    rng = np.random.default_rng([7, 0 if split == "train" else 1])
-    count = 80 if split == "train" else 40
-    images, labels = [], []
-    for label, name in enumerate(OBJECT_CLASSES):
-        for _ in range(count):
+def _plain_images(seed: list[int], count: int):
+    """`(class name, index, image)`: `count` per class of the shape generator on flat single-colour backgrounds."""
+    rng = np.random.default_rng(seed)
+    for name in OBJECT_CLASSES:
+        for i in range(count):
             background = Image.new("RGB", (256, 256), tuple(int(v) for v in rng.integers(0, 256, 3)))
-            images.append(np.asarray(render_object(name, background, rng)))
-            labels.append(label)
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255, torch.tensor(labels)
+            yield name, i, render_object(name, background, rng)
+
+
+def plain_split(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain set in memory: 80 per class for train (seed [7, 0]), 40 for test (seed [7, 1])."""
+    seed, count = ([7, 0], 80) if split == "train" else ([7, 1], 40)
+    rows = list(_plain_images(seed, count))
+    images = np.stack([np.asarray(image) for _, _, image in rows])
+    labels = torch.tensor([OBJECT_CLASSES.index(name) for name, _, _ in rows])
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, labels
 
 
 def write_plain(root: Path) -> None:
-    """The plain set as an image folder (train / validation / test) for train.py runs: `data.dataset=<root>`."""
-    from training.objects_data import OBJECT_SPLITS
-
+    """The plain set as an image folder (train / validation / test, seeds [7, split number]) for train.py runs:
+    `data.dataset=<root>`."""
     for split_id, (split, count) in enumerate(OBJECT_SPLITS.items()):
-        rng = np.random.default_rng([7, split_id])
-        for name in OBJECT_CLASSES:
+        for name, i, image in _plain_images([7, split_id], count):
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                background = Image.new("RGB", (256, 256), tuple(int(v) for v in rng.integers(0, 256, 3)))
-                render_object(name, background, rng).save(folder / f"{name}_{i:04d}.png")
+            image.save(folder / f"{name}_{i:04d}.png")
 
 
 def true_masks_and_photo_crops(train: torch.Tensor, count: int = 3000) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ground-truth masks of the training split, replayed from the generator's streams (checked against the
-    stored pixels), and `count` random crops of the training photos as new backgrounds."""
+    """Ground-truth masks of the training split (`objects_data.iter_split`, checked against the stored pixels),
+    and `count` random crops of the training photos as new backgrounds."""
     from training import objects_data as od
 
     photos = {name: od._load_photo(name) for name in od._TRAIN_PHOTOS}
-    backgrounds = [photos[name] for name in od._TRAIN_PHOTOS]
     masks = []
-    for class_id, name in enumerate(OBJECT_CLASSES):
-        rng = np.random.default_rng([od._SEED, 0, class_id])  # split 0 = train, as od._write draws them
-        for _ in range(od.OBJECT_SPLITS["train"]):
-            photo = backgrounds[int(rng.integers(len(backgrounds)))]
-            image = od._random_crop(photo, rng)
-            shape = od._shape_mask(name, rng).rotate(rng.uniform(0, 360), resample=Image.Resampling.BILINEAR)
-            side = int(od.IMAGE_SIZE * rng.uniform(0.35, 0.7))
-            shape = shape.resize((side, side), Image.Resampling.LANCZOS)
-            paint = od._fill(side, rng)
-            x, y = (int(rng.integers(0, od.IMAGE_SIZE - side + 1)) for _ in range(2))
-            image.paste(paint, (x, y), shape)
-            full = Image.new("L", (od.IMAGE_SIZE, od.IMAGE_SIZE), 0)
-            full.paste(shape, (x, y))
-            masks.append(np.asarray(full))
-            index = len(masks) - 1
-            if not np.array_equal(np.asarray(image), (train[index].permute(1, 2, 0) * 255).round().byte().numpy()):
-                raise SystemExit("the replayed image differs from the stored one: objects_data changed")
+    for index, (_, _, image, mask) in enumerate(od.iter_split("train", photos)):
+        if not np.array_equal(np.asarray(image), (train[index].permute(1, 2, 0) * 255).round().byte().numpy()):
+            raise SystemExit("the regenerated image differs from the stored one: objects_data changed")
+        masks.append(np.asarray(mask))
+    backgrounds = [photos[name] for name in od._TRAIN_PHOTOS]
     rng = np.random.default_rng(3)
     crops = [np.asarray(od._random_crop(backgrounds[int(rng.integers(len(backgrounds)))], rng)) for _ in range(count)]
     return (torch.from_numpy(np.stack(masks)).float()[:, None] / 255,

@@ -23,15 +23,17 @@ run sees the same swaps.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from .decode import ImageDecodeError, decode_image
+from .loader import _without_decoding, content_key
 
 __all__ = ["BackgroundSwap", "foreground_masks", "minimum_barrier_saliency"]
 
@@ -112,10 +114,6 @@ def _least_salient_window(image: Image.Image, mask: np.ndarray, out_size: int) -
     return np.asarray(image.resize((out_size, out_size), Image.Resampling.BILINEAR, box=box))
 
 
-def _key(image: Image.Image) -> bytes:
-    return hashlib.blake2b(image.tobytes(), digest_size=16, person=str(image.size).encode()[:16]).digest()
-
-
 class BackgroundSwap:
     """``image -> image`` with probability ``probability``: the image's foreground mask (soft-edged, upsampled from
     ``mask_size``) pasted onto a random bank background resized to the image. Build it with :meth:`from_images`
@@ -126,7 +124,7 @@ class BackgroundSwap:
     MAX_FOREGROUND = 0.9
     MAX_CACHED = 65536  # masks kept per worker (512 bytes each at mask_size 64)
 
-    def __init__(self, backgrounds: np.ndarray, masks: dict[bytes, np.ndarray], probability: float,
+    def __init__(self, backgrounds: np.ndarray, masks: dict[int, np.ndarray], probability: float,
                  mask_size: int = 64) -> None:
         if not 0 <= probability <= 1:
             raise ValueError(f"background swap probability must be in [0, 1], got {probability}")
@@ -135,7 +133,7 @@ class BackgroundSwap:
         self.backgrounds = backgrounds
         self.probability = probability
         self.mask_size = mask_size
-        self._masks = dict(masks)  # key -> np.packbits(mask)
+        self._masks = dict(masks)  # loader.content_key(image) -> np.packbits(mask)
 
     @classmethod
     def from_images(cls, images: Iterable[Image.Image], probability: float, mask_size: int = 64,
@@ -147,7 +145,7 @@ class BackgroundSwap:
             part = images[start:start + chunk]
             for image, mask in zip(part, foreground_masks(part, mask_size)):
                 backgrounds.append(_least_salient_window(image, mask, mask_size))
-                masks[_key(image)] = np.packbits(mask)
+                masks[content_key(image)] = np.packbits(mask)
         swap = cls(np.stack(backgrounds) if backgrounds else np.zeros((0,)), masks, probability, mask_size)
         coverage = np.mean([np.unpackbits(m).mean() for m in masks.values()]) if masks else 0.0
         logger.info("background swap: %d images, mean foreground %.1f %% of the image, p %.2f per view",
@@ -160,8 +158,6 @@ class BackgroundSwap:
         """Bank of up to ``max_images`` images of a ``datasets`` dataset (a seeded random subset of a larger map-style
         one; the first ones of a stream). Rows that do not decode are left out of the bank and counted in the log
         (the training loader reports and skips them as usual). ``decode_options``: ``max_pixels``, ``allow_paths``."""
-        from .decode import ImageDecodeError, decode_image
-        from .loader import _without_decoding
 
         dataset = _without_decoding(dataset, image_column, {})  # decoded here, so a broken file is counted, not fatal
         if hasattr(dataset, "__len__"):
@@ -188,7 +184,7 @@ class BackgroundSwap:
 
     def mask(self, image: Image.Image) -> np.ndarray:
         """Boolean ``[mask_size, mask_size]`` foreground mask of ``image`` (cached)."""
-        key = _key(image)
+        key = content_key(image)
         packed = self._masks.get(key)
         if packed is None:
             packed = np.packbits(foreground_masks([image], self.mask_size)[0])
@@ -197,14 +193,28 @@ class BackgroundSwap:
         return np.unpackbits(packed)[: self.mask_size**2].reshape(self.mask_size, self.mask_size).astype(bool)
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        # Two draws always (coin, background index), so the stream does not depend on the coin.
-        coin = torch.rand(1).item()
-        index = int(torch.randint(len(self.backgrounds), (1,)).item())
-        if coin >= self.probability:
-            return image
-        mask = self.mask(image)
-        if not self.MIN_FOREGROUND <= mask.mean() <= self.MAX_FOREGROUND:
-            return image  # no foreground found (or no background left): a swap would drop the content
-        alpha = Image.fromarray(mask.astype(np.uint8) * 255).resize(image.size, Image.Resampling.BILINEAR)
-        background = Image.fromarray(self.backgrounds[index]).resize(image.size, Image.Resampling.BILINEAR)
-        return Image.composite(image, background, alpha)
+        return self.for_image(image)()
+
+    def for_image(self, image: Image.Image) -> Callable[[], Image.Image]:
+        """A function returning a swap of ``image``, with draws of its own at each call (one per view); the mask
+        is looked up once, by the first call that swaps."""
+        alpha: Image.Image | None = None
+        found = True
+
+        def swap() -> Image.Image:
+            nonlocal alpha, found
+            # Two draws always (coin, background index), so the stream does not depend on the coin.
+            coin = torch.rand(1).item()
+            index = int(torch.randint(len(self.backgrounds), (1,)).item())
+            if coin >= self.probability or not found:
+                return image
+            if alpha is None:
+                mask = self.mask(image)
+                found = self.MIN_FOREGROUND <= mask.mean() <= self.MAX_FOREGROUND
+                if not found:
+                    return image  # no foreground found (or no background left): a swap would drop the content
+                alpha = Image.fromarray(mask.astype(np.uint8) * 255).resize(image.size, Image.Resampling.BILINEAR)
+            background = Image.fromarray(self.backgrounds[index]).resize(image.size, Image.Resampling.BILINEAR)
+            return Image.composite(image, background, alpha)
+
+        return swap

@@ -122,9 +122,9 @@ class TwoViewAugmentation:
     def _views(self, image: Image.Image) -> dict[str, torch.Tensor]:
         if self.background_swap is None:
             return {"view1": self.views[0](image), "view2": self.views[1](image)}
-        swap = self.background_swap  # each view its own background, drawn before its crop
-        view1 = self.views[0](swap(image))
-        view2 = self.views[1](swap(image))
+        swap = self.background_swap.for_image(image)  # each view its own background, drawn before its crop
+        view1 = self.views[0](swap())
+        view2 = self.views[1](swap())
         return {"view1": view1, "view2": view2}
 
     def __call__(self, image: Image.Image, seed: int | None = None) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from curation_fixtures import encode
 from PIL import Image, ImageDraw
 
 from training.data.background_swap import BackgroundSwap, foreground_masks, minimum_barrier_saliency
@@ -93,20 +94,12 @@ def test_two_views_with_swap_are_reproducible_per_seed():
 def test_from_dataset_counts_undecodable_rows(caplog):
     good = [_photo(s) for s in range(3)]
     # an Image column, as an image folder or a parquet of images has; the last file is a truncated JPEG
-    rows = [{"bytes": _encode(im), "path": None} for im in good] + [{"bytes": b"\xff\xd8\xff\xe0 cut", "path": None}]
+    rows = [{"bytes": encode(im), "path": None} for im in good] + [{"bytes": b"\xff\xd8\xff\xe0 cut", "path": None}]
     ds = datasets.Dataset.from_dict({"image": rows}, features=datasets.Features({"image": datasets.Image()}))
     with caplog.at_level(logging.WARNING):
         swap = BackgroundSwap.from_dataset(ds, 0.5)
     assert len(swap.backgrounds) == 3
     assert "1 of 4 bank rows did not decode" in caplog.text
-
-
-def _encode(image: Image.Image) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def test_probability_is_checked():

@@ -190,6 +190,7 @@ def _two_process_shuffle(rank: int, world: int, x: torch.Tensor) -> None:
     assert torch.allclose(centered, expected[rank * 3 : rank * 3 + 3], atol=1e-6)
 
 
+@pytest.mark.slow  # multi-process: runs in `pytest -m slow` (CI's second half)
 def test_shuffle_bn_two_processes(tmp_path):
     run_two_processes(tmp_path, _two_process_shuffle, torch.randn(6, 4))
 

@@ -138,6 +138,7 @@ def test_resume_after_sigkill_teacher_untouched_and_absent(tmp_path, teacher):
     assert res.returncode == 0 and res.stdout.split()[-1] == "32", res.stderr[-2000:]
 
 
+@pytest.mark.slow  # multi-process: runs in `pytest -m slow` (CI's second half)
 def test_two_processes_equal_one_on_the_same_global_batch(tmp_path, teacher):
     # KoLeo's nearest neighbours are searched within each process's batch (as in the official code) and the iBOT
     # masks are drawn per batch, so this parity holds for the terms that are global: DINO with Sinkhorn-Knopp over
@@ -162,6 +163,7 @@ def test_two_processes_equal_one_on_the_same_global_batch(tmp_path, teacher):
     assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) < 1e-5
 
 
+@pytest.mark.slow  # multi-process: runs in `pytest -m slow` (CI's second half)
 def test_multi_student_equals_each_student_alone(tmp_path, teacher):
     s = student("s")
     b = student("b", hidden_size=48, patch_size=7, base_lr=0.02, ema_momentum=0.8)  # own patch, lr and EMA

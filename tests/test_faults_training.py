@@ -152,6 +152,7 @@ def test_data_guard_rules():
     assert "6 of the last 8 images" in restored.observe(counts(1, 3))
 
 
+@pytest.mark.slow  # multi-process: runs in `pytest -m slow` (CI's second half)
 def test_two_processes_stop_together_on_broken_data(tmp_path):
     folder = image_folder(tmp_path, good=0, broken=24)
     report = tmp_path / "report"
@@ -166,6 +167,7 @@ def test_two_processes_stop_together_on_broken_data(tmp_path):
 # ---- 2. processes agree on the checkpoint they resume from ---------------------------------------------------
 
 
+@pytest.mark.slow  # multi-process: runs in `pytest -m slow` (CI's second half)
 def test_two_processes_that_see_different_output_dirs_both_stop(tmp_path):
     """Rank 1 trains into another directory, as a process on a machine whose disk is not shared would."""
     config = write_config(tmp_path)
@@ -203,6 +205,7 @@ def test_resume_path_that_is_no_checkpoint_is_a_clear_error(tmp_path):
     assert resolve_resume("auto", tmp_path) is None and resolve_resume("never", tmp_path) is None
 
 
+@pytest.mark.slow  # multi-process: runs in `pytest -m slow` (CI's second half)
 def test_two_process_streaming_resume_is_exact(tmp_path):
     """Both ranks resume at the step rank 0 picked, each replays its own consumed stream batches (losses and both
     ranks' weights match the straight run), and metrics.jsonl keeps each step once: the rows a killed run logged

@@ -467,6 +467,7 @@ def _dist_worker(rank: int, world_size: int, init_file: str, cases: list[dict]) 
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # multi-process: runs in `pytest -m slow` (CI's second half)
 def test_two_process_gloo(tmp_path):
     torch.manual_seed(8)
     k = 6

@@ -133,6 +133,7 @@ def _two_process_batch_norm(rank: int, world: int, x: torch.Tensor, weights: tor
     assert (bn.running_var - expected["running_var"]).abs().max() <= TOL
 
 
+@pytest.mark.slow  # multi-process: runs in `pytest -m slow` (CI's second half)
 def test_two_processes(tmp_path):
     inputs = _inputs()
     loss, g1, g2 = _loss_and_query_grads(moco_v3_loss, *inputs, 0.2)

@@ -122,7 +122,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, counts: list[int], expect
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("counts", [(4, 4), (5, 3)], ids=["equal", "unequal"])
+@pytest.mark.parametrize("counts", [pytest.param((4, 4), marks=pytest.mark.slow), (5, 3)], ids=["equal", "unequal"])
 def test_two_process_ddp_equals_one_process_on_the_concatenated_batch(tmp_path, counts):
     x_image, x_text = _inputs(sum(counts))
     single = Towers()

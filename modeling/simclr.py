@@ -26,7 +26,7 @@ from .two_view import (
     build_backbone,
     l2_normalized_std,
     mlp_dims,
-    pooled_two_views,
+    pooled_features,
 )
 
 
@@ -85,8 +85,9 @@ class SimCLRForPretraining(TwoViewPreTrainedModel, PretrainingMethod):
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor, **_: float) -> SimCLROutput:
         """`view1`, `view2` `[B, 3, H, W]`: the two augmented views of the same B images."""
-        h1, h2 = pooled_two_views(self.backbone, view1, view2)
-        z1, z2 = self.projector(h1), self.projector(h2)
+        # One pass over both views, as google-research/simclr concatenates them: BatchNorm statistics are over the
+        # 2B views together (per-view statistics would differ between the positives of a pair).
+        z1, z2 = self.projector(pooled_features(self.backbone, torch.cat((view1, view2)))).chunk(2)
         loss = nt_xent_loss(z1, z2, self.config.loss_temperature)
         with torch.no_grad():
             positive = nn.functional.cosine_similarity(z1, z2).mean()

@@ -1,8 +1,10 @@
 """What the two-view methods (MoCo v3, Barlow Twins, DenseCL) share: their backbones, BatchNorm projection MLPs,
 BatchNorm over the global batch, momentum encoders, and the ResNet export.
 
-Backbones are our ViT (`DinoVisionModel`, exported as a stock `Dinov2Model`) or transformers' `ResNetModel`
-(`ResNetConfig()` = `microsoft/resnet-50`, exported as itself), so the papers' own settings run. A pretraining
+Backbones are our ViT (`DinoVisionModel`, exported as a stock `Dinov2Model`), transformers' `ResNetModel`
+(`ResNetConfig()` = `microsoft/resnet-50`, exported as itself), so the papers' own settings run, or transformers'
+`TextNetModel` used as a plain VGG-style CNN (a stride-1 stem keeps small images at full resolution; global
+average pool of its last feature map). A pretraining
 config stores the backbone's config under `backbone_config` with its `model_type`, so either kind round-trips
 through `save_pretrained` / `from_pretrained`.
 """
@@ -19,18 +21,28 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from transformers import ConvNextImageProcessor, PretrainedConfig, PreTrainedModel, ResNetConfig, ResNetModel
+from transformers import (
+    ConvNextImageProcessor,
+    PretrainedConfig,
+    PreTrainedModel,
+    ResNetConfig,
+    ResNetModel,
+    TextNetConfig,
+    TextNetModel,
+)
 
 from .convert import IMAGENET_MEAN, IMAGENET_STD
 from .losses import all_reduce_with_grad
 from .vision_transformer import DinoVisionConfig, DinoVisionModel
 
-BackboneConfig = DinoVisionConfig | ResNetConfig
-Backbone = DinoVisionModel | ResNetModel
+BackboneConfig = DinoVisionConfig | ResNetConfig | TextNetConfig
+Backbone = DinoVisionModel | ResNetModel | TextNetModel
 _BACKBONE_CONFIGS: dict[str, type[PretrainedConfig]] = {
     DinoVisionConfig.model_type: DinoVisionConfig,
     ResNetConfig.model_type: ResNetConfig,
+    TextNetConfig.model_type: TextNetConfig,
 }
+_CONVNETS = (ResNetConfig, TextNetConfig)
 
 
 # ---- backbones -----------------------------------------------------------------------------------------------
@@ -40,7 +52,7 @@ def backbone_config_from(value: BackboneConfig | dict[str, Any] | None) -> Backb
     """A backbone config from a config object, its dict (`model_type` says which; default our ViT) or None."""
     if value is None:
         return DinoVisionConfig()
-    if isinstance(value, (DinoVisionConfig, ResNetConfig)):
+    if isinstance(value, (DinoVisionConfig, *_CONVNETS)):
         return value
     if isinstance(value, dict):
         values = dict(value)
@@ -48,32 +60,43 @@ def backbone_config_from(value: BackboneConfig | dict[str, Any] | None) -> Backb
         if model_type not in _BACKBONE_CONFIGS:
             raise ValueError(f"backbone model_type {model_type!r} is not supported; use one of {sorted(_BACKBONE_CONFIGS)}")
         return _BACKBONE_CONFIGS[model_type].from_dict(values)
-    raise TypeError(f"backbone_config must be a DinoVisionConfig, a ResNetConfig or a dict, got {type(value).__name__}")
+    raise TypeError(f"backbone_config must be a DinoVisionConfig, a ResNetConfig, a TextNetConfig or a dict, got "
+                    f"{type(value).__name__}")
 
 
 def build_backbone(config: BackboneConfig) -> Backbone:
-    return ResNetModel(config) if isinstance(config, ResNetConfig) else DinoVisionModel(config)
+    if isinstance(config, ResNetConfig):
+        return ResNetModel(config)
+    if isinstance(config, TextNetConfig):
+        return TextNetModel(config)
+    return DinoVisionModel(config)
 
 
 def is_convnet(config: BackboneConfig) -> bool:
-    return isinstance(config, ResNetConfig)
+    return isinstance(config, _CONVNETS)
 
 
 def backbone_dim(config: BackboneConfig) -> int:
-    """Width of the pooled feature (ResNet: channels of the last stage; ViT: hidden size)."""
-    return config.hidden_sizes[-1] if isinstance(config, ResNetConfig) else config.hidden_size
+    """Width of the pooled feature (ConvNets: channels of the last stage; ViT: hidden size)."""
+    return config.hidden_sizes[-1] if is_convnet(config) else config.hidden_size
 
 
 def pooled_features(backbone: Backbone, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The global feature `[B, C]`: the ResNet's global average pool, the ViT's final-normed CLS token (what the
-    references feed their projectors, and what kNN / linear probes evaluate)."""
-    return backbone(pixel_values=pixel_values).pooler_output.flatten(1)
+    """The global feature `[B, C]`: a ConvNet's global average pool, the ViT's final-normed CLS token (what the
+    references feed their projectors, and what kNN / linear probes evaluate). TextNet's own pooler keeps a 2x2
+    grid (for detection); the mean of its feature map is the global pool."""
+    out = backbone(pixel_values=pixel_values)
+    if isinstance(backbone, TextNetModel):
+        return out.last_hidden_state.mean((2, 3))
+    return out.pooler_output.flatten(1)
 
 
 def features_and_map(backbone: Backbone, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(global feature `[B, C]`, feature map `[B, C, h, w]`): the ResNet's last stage, or the ViT's final-normed
     patch tokens laid out on their grid (registers and CLS excluded)."""
     out = backbone(pixel_values=pixel_values)
+    if isinstance(backbone, TextNetModel):
+        return out.last_hidden_state.mean((2, 3)), out.last_hidden_state
     if isinstance(backbone, ResNetModel):
         return out.pooler_output.flatten(1), out.last_hidden_state
     config = backbone.config
@@ -347,7 +370,7 @@ class TwoViewPreTrainedModel(PreTrainedModel):
 
     main_input_name = "view1"
     input_modalities = ("image",)
-    _no_split_modules = ["Embeddings", "Block", "ResNetBottleNeckLayer", "ResNetBasicLayer"]
+    _no_split_modules = ["Embeddings", "Block", "ResNetBottleNeckLayer", "ResNetBasicLayer", "TextNetRepConvLayer"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -378,6 +401,9 @@ class TwoViewPreTrainedModel(PreTrainedModel):
 
     def _backbone_rows(self) -> dict[str, str]:
         c = self.config.backbone_config
+        if isinstance(c, TextNetConfig):
+            return {"backbone": f"plain CNN (`TextNetModel`), stem stride {c.stem_stride}, layers per stage "
+                                f"{[len(k) for k in c.conv_layer_kernel_sizes]}, widths {list(c.hidden_sizes)}"}
         if is_convnet(c):
             return {"backbone": f"ResNet (`ResNetModel`), stages {list(c.depths)}, widths {list(c.hidden_sizes)}"}
         return {"backbone": f"ViT (exported as `Dinov2Model`), width {c.hidden_size}, depth {c.num_hidden_layers}, "

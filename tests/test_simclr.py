@@ -54,17 +54,24 @@ def test_model_forward_and_reload(tmp_path):
                                               loss_temperature=0.2))
     x1, x2 = views()
     out = model(x1, x2)
-    z1, z2 = (model.projector(model.backbone(pixel_values=x).pooler_output.flatten(1)) for x in (x1, x2))
+    # google-research/simclr runs both views as one batch: BatchNorm statistics over all 2B views
+    z1, z2 = model.projector(model.backbone(pixel_values=torch.cat((x1, x2))).pooler_output.flatten(1)).chunk(2)
     assert torch.allclose(out.loss, nt_xent_loss(z1, z2, 0.2), rtol=1e-5)
+    p1, p2 = (model.projector(model.backbone(pixel_values=x).pooler_output.flatten(1)) for x in (x1, x2))
+    assert not torch.allclose(out.loss, nt_xent_loss(p1, p2, 0.2), rtol=1e-3)  # per-view statistics differ
     assert model.health({"embedding_std": 0.01})[0].startswith("collapse")
     model.save_pretrained(tmp_path / "m")
     loaded = SimCLRForPretraining.from_pretrained(tmp_path / "m")
     assert loaded.config.loss_temperature == 0.2 and loaded.config.out_dim == 16
 
 
-def test_trains_with_background_swap_and_exports_stock_resnet(tmp_path):
+@pytest.mark.parametrize("section, expected", [
+    (RESNET_SECTION, "ResNetModel (1, 32, 1, 1)"),
+    ({"arch": "textnet", "textnet_depths": [1, 1, 2], "textnet_hidden_sizes": [8, 16, 32]}, "TextNetModel (1, 32, 2, 2)"),
+], ids=["resnet", "textnet"])
+def test_trains_with_background_swap_and_exports_stock_backbone(tmp_path, section, expected):
     out = tmp_path / "run"
-    config = {"method": "simclr", "model": RESNET_SECTION, "simclr": {"hidden_dim": 32, "out_dim": 16},
+    config = {"method": "simclr", "model": section, "simclr": {"hidden_dim": 32, "out_dim": 16},
               "crops": {"global_size": 32}, "views": {"background_swap": 0.5, "color_jitter": [0.4, 0.4, 0.4, 0.5]},
               "data": DATA, "train": {"save_every": 1000, "log_every": 1},
               "optim": {**OPTIM, "base_lr": 1e-3, "epochs": 1}}
@@ -74,7 +81,7 @@ def test_trains_with_background_swap_and_exports_stock_resnet(tmp_path):
     assert sorted(rows) == list(range(1, 7))
     assert {"loss", "positive_similarity", "embedding_std"} <= rows[6].keys()
     code = "print(type(m).__name__, tuple(m(pixel_values=torch.randn(1, 3, 32, 32)).pooler_output.shape))"
-    assert load_stock(out / "backbone", code, tmp_path).strip() == "ResNetModel (1, 32, 1, 1)"
+    assert load_stock(out / "backbone", code, tmp_path).strip() == expected
     assert "SimCLR" in (out / "backbone" / "README.md").read_text()
 
 
@@ -91,3 +98,28 @@ def test_multicrop_hue_setting_is_refused_by_the_two_view_pipeline(tmp_path):
     cfg = load_train_config(["--config", str(path), "crops.hue=0.5"])
     with pytest.raises(ConfigError, match=r"views.color_jitter=\[0.4,0.4,0.2,0.5\]"):
         _two_views({}, cfg, None, rank=0, world_size=1)
+
+
+def test_textnet_is_a_plain_cnn_at_full_resolution_and_its_features_are_the_global_pool(tmp_path):
+    from transformers import AutoModel
+
+    from modeling.two_view import build_backbone, pooled_features
+    from training.evaluation.features import forward_features
+    from training.export import save_backbone
+    from training.methods.two_view import textnet_config
+
+    config = textnet_config([1, 2, 2, 2], [16, 32, 64, 128])
+    assert config.stem_stride == 1 and config.conv_layer_strides == [[1], [2, 1], [2, 1], [2, 1]]
+    backbone = build_backbone(config).eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = backbone(pixel_values=x)
+    assert out.last_hidden_state.shape == (2, 128, 4, 4)  # 32 px / 2**3: the stem does not downsample
+    pooled = pooled_features(backbone, x)
+    torch.testing.assert_close(pooled, out.last_hidden_state.mean((2, 3)))
+    save_backbone(backbone, tmp_path / "b")
+    stock = AutoModel.from_pretrained(tmp_path / "b").eval()
+    cls, mean = forward_features(stock, x)  # what kNN / linear probes read: the global pool, not the 2x2 pooler
+    torch.testing.assert_close(cls, pooled, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mean, pooled, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="one entry per stage"):
+        textnet_config([1, 2], [16, 32, 64])

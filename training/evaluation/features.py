@@ -107,9 +107,10 @@ def forward_features(model: torch.nn.Module, pixel_values: Tensor) -> tuple[Tens
 def convnet_features(name: str, feature_map: Tensor, pooled: Tensor | None) -> tuple[Tensor, Tensor]:
     """(pooled feature, mean of the feature map), float32 `[B, C]`, of a ConvNet's `[B, C, h, w]` last feature map
     and its `pooler_output` (`[B, C]` or `[B, C, 1, 1]`; absent: the mean). For a global-average-pooling ConvNet
-    (ResNet) the two are the same vector, so "cls_avgpool" probes see it twice."""
+    (ResNet) the two are the same vector, so "cls_avgpool" probes see it twice. A pooler that keeps a grid
+    (TextNet's 2x2, made for detection heads) is not a global feature: the mean stands for it."""
     mean = feature_map.float().mean(dim=(2, 3))
-    if pooled is None:
+    if pooled is None or (pooled.dim() == 4 and pooled.shape[2:] != (1, 1)):
         return mean, mean
     pooled = pooled.float().flatten(1)
     if pooled.shape != mean.shape:

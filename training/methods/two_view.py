@@ -9,13 +9,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import ResNetConfig
+from transformers import ResNetConfig, TextNetConfig
 
 from modeling import DinoVisionConfig
 from modeling.two_view import BackboneConfig, TwoViewPreTrainedModel, sync_batch_norm
 
 from ..build import ModelConfig, folder_model_type, load_backbone
-from ..config import check
+from ..config import ConfigError, check
 from ..data.two_views import ViewsConfig
 from ..schedules import cosine_schedule
 from ..train_config import TrainConfig
@@ -27,15 +27,20 @@ logger = logging.getLogger(__name__)
 @dataclass
 class BackboneModelConfig(ModelConfig):
     """The `model` section of the two-view methods: DINOv2's (preset and sizes of our ViT, `init_from`, ...) plus
-    `arch` (vit | resnet), the ViT's `patch_size`, and the ResNet's shape (transformers `ResNetConfig`; the
-    defaults are `microsoft/resnet-50`)."""
+    `arch` (vit | resnet | textnet), the ViT's `patch_size`, the ResNet's shape (transformers `ResNetConfig`; the
+    defaults are `microsoft/resnet-50`), and the plain CNN's (transformers `TextNetModel` as a VGG-style stack:
+    a 3x3 stem of `textnet_stride`, then per stage `textnet_depths` 3x3 conv-BN-ReLU layers, the first of every
+    stage after the first with stride 2, `textnet_hidden_sizes` channels; the stem has the first stage's width)."""
 
-    arch: str = field(default="vit", metadata=check(choices=("vit", "resnet")))
+    arch: str = field(default="vit", metadata=check(choices=("vit", "resnet", "textnet")))
     patch_size: int | None = field(default=None, metadata=check(ge=1))  # None: the preset's (14)
     resnet_depths: list[int] = field(default_factory=lambda: [3, 4, 6, 3], metadata=check(ge=1))
     resnet_hidden_sizes: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048], metadata=check(ge=1))
     resnet_embedding_size: int = field(default=64, metadata=check(ge=1))
     resnet_layer_type: str = field(default="bottleneck", metadata=check(choices=("bottleneck", "basic")))
+    textnet_depths: list[int] = field(default_factory=lambda: [1, 2, 2, 2], metadata=check(ge=1))
+    textnet_hidden_sizes: list[int] = field(default_factory=lambda: [16, 32, 64, 128], metadata=check(ge=1))
+    textnet_stride: int = field(default=1, metadata=check(ge=1))
 
 
 @dataclass
@@ -55,11 +60,26 @@ def backbone_config(model: BackboneModelConfig, view_size: int) -> BackboneConfi
             embedding_size=model.resnet_embedding_size, hidden_sizes=list(model.resnet_hidden_sizes),
             depths=list(model.resnet_depths), layer_type=model.resnet_layer_type,
         )
+    if model.arch == "textnet":
+        return textnet_config(model.textnet_depths, model.textnet_hidden_sizes, model.textnet_stride)
     sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "ffn", "drop_path_rate", "layerscale_init",
              "patch_size")
     overrides = {name: getattr(model, name) for name in sizes if getattr(model, name) is not None}
     return DinoVisionConfig.from_preset(model.preset, image_size=model.image_size or view_size,
                                         num_register_tokens=model.num_register_tokens, **overrides)
+
+
+def textnet_config(depths: list[int], widths: list[int], stem_stride: int = 1) -> TextNetConfig:
+    """`TextNetConfig` of a plain VGG-style CNN (see `BackboneModelConfig`)."""
+    if len(depths) != len(widths):
+        raise ConfigError(f"model.textnet_depths {depths} and model.textnet_hidden_sizes {widths} need one entry per "
+                          "stage each")
+    return TextNetConfig(
+        stem_kernel_size=3, stem_stride=stem_stride, stem_out_channels=widths[0],
+        hidden_sizes=[widths[0], *widths],
+        conv_layer_kernel_sizes=[[[3, 3]] * d for d in depths],
+        conv_layer_strides=[[1 if i == 0 else 2] + [1] * (d - 1) for i, d in enumerate(depths)],
+    )
 
 
 def build_two_view_model(
@@ -88,10 +108,10 @@ def build_two_view_model(
 
 
 def _backbone_weights(source: str, model: BackboneModelConfig) -> dict:
-    if model.arch == "resnet":
-        from transformers import ResNetModel
+    if model.arch in ("resnet", "textnet"):
+        from transformers import AutoModel
 
-        return ResNetModel.from_pretrained(source).state_dict()
+        return AutoModel.from_pretrained(source).state_dict()
     return load_backbone(source, model.drop_path_rate).state_dict()
 
 

@@ -4,6 +4,7 @@ self-contained training loop, outside train.py, to ask which part stops self-sup
     python benchmarks/small_data_diagnostics.py --data plain --objective simclr --steps 300
     python benchmarks/small_data_diagnostics.py --objective simclr --swap truth --size 32 --steps 1000 --eval_every 200
     python benchmarks/small_data_diagnostics.py --objective simclr --swap saliency --size 32 --steps 1000
+    python benchmarks/small_data_diagnostics.py --swap saliency --size 32 --steps 3000 --eval_every 500   # 34 %
     python benchmarks/small_data_diagnostics.py --write_plain /tmp/plain   # for train.py: data.dataset=/tmp/plain
 
 * `--data objects` is the benchmark; `--data plain` renders the same kinds of shapes on flat single-colour
@@ -13,8 +14,10 @@ self-contained training loop, outside train.py, to ask which part stops self-sup
 * `--swap truth` pastes each object, by its *ground-truth* mask (replayed from the set's own random streams and
   checked pixel-equal to the stored images), onto a crop of a training photo: an upper bound unavailable on real
   data. `--swap saliency` uses the unsupervised masks and backgrounds of training/data/background_swap.py.
-* `--arch cnn` is a 4-stage CNN (`--width` 16: 0.29 M parameters); `--arch resnet` the transformers ResNet of
-  configs/simclr_small_data.yaml.
+* `--arch cnn` is a 4-stage CNN (`--width` 16: 0.29 M parameters); `--arch textnet` the same shape as a stock
+  transformers `TextNetModel` (train.py's `model.arch: textnet`); `--arch resnet` a transformers `ResNetModel`
+  (basic blocks, `--widths`); `--arch convnext` a transformers `ConvNextModel` (stem `--patch`).
+* `--flat q`: with a swap, a view's new background is one flat random colour with probability q.
 
 Prints kNN top-1 (k = 20, the probe's weighted vote) of the backbone's pooled features on the test split every
 `--eval_every` steps. Views: random-resized crop, flip, optional rotation, colour jitter with a hue rotation of
@@ -162,15 +165,38 @@ def cnn(width: int) -> nn.Module:
 
 
 class ResNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        from transformers import ResNetConfig, ResNetModel
+    """transformers' `ResNetModel` (basic blocks, one per stage; `widths` 32..256 by default), or with `convnext`
+    its `ConvNextModel` (one block per stage, stem patch size `patch`)."""
 
-        self.model = ResNetModel(ResNetConfig(embedding_size=16, hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1],
-                                              layer_type="basic"))
+    def __init__(self, widths: list[int], convnext: bool = False, patch: int = 1) -> None:
+        super().__init__()
+        from transformers import ConvNextConfig, ConvNextModel, ResNetConfig, ResNetModel
+
+        self.model = (ConvNextModel(ConvNextConfig(patch_size=patch, hidden_sizes=widths, depths=[1, 1, 1, 1]))
+                      if convnext else
+                      ResNetModel(ResNetConfig(embedding_size=16, hidden_sizes=widths, depths=[1, 1, 1, 1],
+                                               layer_type="basic")))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=x).pooler_output.flatten(1)
+
+
+class TextNet(nn.Module):
+    """transformers' `TextNetModel` shaped like `cnn(width)`: a stride-1 3x3 stem, then stages of 3x3 RepVGG-style
+    conv-BN-ReLU layers with a stride-2 first layer instead of max-pooling; global average pool."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        from transformers import TextNetConfig, TextNetModel
+
+        w = width
+        self.model = TextNetModel(TextNetConfig(
+            stem_kernel_size=3, stem_stride=1, stem_out_channels=w, hidden_sizes=[w, w, 2 * w, 4 * w, 8 * w],
+            conv_layer_kernel_sizes=[[[3, 3]], [[3, 3], [3, 3]], [[3, 3], [3, 3]], [[3, 3], [3, 3]]],
+            conv_layer_strides=[[1], [2, 1], [2, 1], [2, 1]]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).last_hidden_state.mean((2, 3))
 
 
 def mlp(i: int, hidden: int, o: int) -> nn.Module:
@@ -182,7 +208,11 @@ def main() -> None:
     p.add_argument("--data", choices=("objects", "plain"), default="objects")
     p.add_argument("--objective", choices=("simclr", "moco", "supervised"), default="simclr")
     p.add_argument("--swap", choices=("none", "truth", "saliency"), default="none")
-    p.add_argument("--arch", choices=("cnn", "resnet"), default="cnn")
+    p.add_argument("--flat", type=float, default=0.0,
+                   help="with --swap: probability that a view's new background is one flat random colour")
+    p.add_argument("--arch", choices=("cnn", "resnet", "convnext", "textnet"), default="cnn")
+    p.add_argument("--widths", type=int, nargs=4, default=(32, 64, 128, 256), help="resnet / convnext stage widths")
+    p.add_argument("--patch", type=int, default=1, help="convnext stem patch size")
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--size", type=int, default=64, help="view (and evaluation) size in pixels")
     p.add_argument("--scale", type=float, nargs=2, default=(0.3, 1.0))
@@ -218,11 +248,14 @@ def main() -> None:
             m = masks[index]
             new = backgrounds[torch.randint(len(backgrounds), (len(index),))]
             new = F.interpolate(new, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            flat = (torch.rand(len(index), 1, 1, 1) < args.flat).float()
+            new = flat * torch.rand(len(index), 3, 1, 1) + (1 - flat) * new
             x = m * x + (1 - m) * new
         return (colour(affine_views(x, tuple(args.scale), args.rotation, args.size)) - mean) / std
 
-    backbone = cnn(args.width) if args.arch == "cnn" else ResNet()
-    dim = 8 * args.width if args.arch == "cnn" else 256
+    backbone = (cnn(args.width) if args.arch == "cnn" else TextNet(args.width) if args.arch == "textnet" else
+                ResNet(list(args.widths), convnext=args.arch == "convnext", patch=args.patch))
+    dim = 8 * args.width if args.arch in ("cnn", "textnet") else args.widths[-1]
     projector = mlp(dim, 512, 128)
     heads = nn.ModuleDict({"classifier": nn.Linear(dim, len(OBJECT_CLASSES))} if args.objective == "supervised"
                           else {"predictor": mlp(128, 512, 128)} if args.objective == "moco" else {})

@@ -92,8 +92,8 @@ def pooled_features(backbone: Backbone, pixel_values: torch.Tensor) -> torch.Ten
 
 
 def features_and_map(backbone: Backbone, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(global feature `[B, C]`, feature map `[B, C, h, w]`): the ResNet's last stage, or the ViT's final-normed
-    patch tokens laid out on their grid (registers and CLS excluded)."""
+    """(global feature `[B, C]`, feature map `[B, C, h, w]`): a ConvNet's last stage and its global average pool,
+    or the ViT's CLS token and final-normed patch tokens laid out on their grid (registers and CLS excluded)."""
     out = backbone(pixel_values=pixel_values)
     if isinstance(backbone, TextNetModel):
         return out.last_hidden_state.mean((2, 3)), out.last_hidden_state

@@ -182,21 +182,22 @@ class ResNet(nn.Module):
 
 
 class TextNet(nn.Module):
-    """transformers' `TextNetModel` shaped like `cnn(width)`: a stride-1 3x3 stem, then stages of 3x3 RepVGG-style
-    conv-BN-ReLU layers with a stride-2 first layer instead of max-pooling; global average pool."""
+    """train.py's `model.arch: textnet` (`training.methods.two_view.textnet_config`) shaped like `cnn(width)`: a
+    stride-1 3x3 stem, then stages of 3x3 RepVGG-style conv-BN-ReLU layers with a stride-2 first layer instead of
+    max-pooling; global average pool."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
-        from transformers import TextNetConfig, TextNetModel
+        from modeling.two_view import build_backbone
+        from training.methods.two_view import textnet_config
 
         w = width
-        self.model = TextNetModel(TextNetConfig(
-            stem_kernel_size=3, stem_stride=1, stem_out_channels=w, hidden_sizes=[w, w, 2 * w, 4 * w, 8 * w],
-            conv_layer_kernel_sizes=[[[3, 3]], [[3, 3], [3, 3]], [[3, 3], [3, 3]], [[3, 3], [3, 3]]],
-            conv_layer_strides=[[1], [2, 1], [2, 1], [2, 1]]))
+        self.model = build_backbone(textnet_config([1, 2, 2, 2], [w, 2 * w, 4 * w, 8 * w]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=x).last_hidden_state.mean((2, 3))
+        from modeling.two_view import pooled_features
+
+        return pooled_features(self.model, x)
 
 
 def mlp(i: int, hidden: int, o: int) -> nn.Module:

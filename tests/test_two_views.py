@@ -166,3 +166,101 @@ def test_groups_for_the_references_optimizers():
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9 and not sgd.defaults["nesterov"]
     with pytest.raises(ValueError, match="not one of"):
         build_optimizer(groups, OptimConfig(optimizer="lamb"), False)
+
+
+# ---- batched colour (views.batched_color) -------------------------------------------------------------------------
+
+
+def test_batched_color_is_torchvisions_tensor_ops_per_image():
+    """Each image of a batch gets exactly torchvision's tensor ops with its own parameters, in its own order."""
+    from training.data.batched_color import BatchedColor, draw_color_params
+
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(24, 3, 20, 20, generator=g) * 255).to(torch.uint8)
+    torch.manual_seed(1)
+    params = torch.stack([draw_color_params((0.4, 0.4, 0.4, 0.5), 0.8, 0.3, 0.5, (0.1, 2.0), 0.4) for _ in images])
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    out = BatchedColor(mean, std, largest_sigma=2.0)(images, params)
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    seen = set()
+    for image, p, got in zip(images, params, out):
+        x = image.float() / 255
+        if p[0] > 0:
+            for op_index in p[5:9].long().tolist():
+                x = ops[op_index](x, p[1 + op_index].item())
+        if p[9] > 0:
+            x = TF.rgb_to_grayscale(x, num_output_channels=3)
+        if p[10] > 0:
+            x = TF.gaussian_blur(x, [13, 13], [p[10].item()] * 2)  # radius ceil(3 * 2.0)
+        if p[11] > 0:
+            x = TF.solarize(x, 128 / 255)
+        torch.testing.assert_close(got, TF.normalize(x, mean, std), atol=2e-5, rtol=0)
+        seen.add(tuple((p[[0, 9, 11]] > 0).tolist()) + (bool(p[10] > 0),))
+    assert len(seen) >= 8  # the coins took many combinations: every op was exercised on and off
+    assert params[:, 5:9].sort(1).values.eq(torch.arange(4.0)).all()  # orders are permutations
+
+
+def test_batched_color_pipeline_batches_and_resume(one_thread):
+    from training.data import load_image_dataset
+    from training.pipelines import build_pipeline
+
+    dataset = load_image_dataset("sample", "train", "image")
+    spec = DataPipeline("two_views", {"patch_size": None})
+    cfg = _cfg()
+    cfg.views.batched_color = True
+    first = iter(build_pipeline(spec, cfg, dataset, rank=0, world_size=1))
+    batches = [next(first) for _ in range(3)]
+    assert batches[0]["view1"].shape == (4, 3, 32, 32) and batches[0]["view1"].dtype == torch.float32
+    assert set(batches[0]) == {"view1", "view2", "batch_size", "num_skipped", "skipped"}
+    resumed = build_pipeline(spec, cfg, dataset, rank=0, world_size=1)
+    resumed.sampler.load_state_dict(build_pipeline(spec, cfg, dataset, rank=0, world_size=1).sampler.state_dict(2))
+    third = next(iter(resumed))
+    assert torch.equal(third["view1"], batches[2]["view1"]) and torch.equal(third["view2"], batches[2]["view2"])
+    # with every photometric op off and a full-image crop, a view is the PIL pipeline's resize, normalised
+    off = dict(OFF)
+    image = _image()
+    pil = TwoViewAugmentation(size=24, interpolation="bilinear", **off)(image, seed=3)
+    batched = TwoViewAugmentation(size=24, interpolation="bilinear", **off, batched_color=True)
+    views = batched.collate([batched(image, seed=3)])
+    torch.testing.assert_close(views["view1"][0], pil["view1"], atol=1e-6, rtol=0)
+
+
+def test_random_resized_crop_box_is_torchvisions_rule():
+    from training.data.two_views import random_resized_crop_box
+
+    torch.manual_seed(0)
+    boxes = [random_resized_crop_box(60, 40, (0.2, 0.9)) for _ in range(2000)]
+    for left, top, w, h in boxes:
+        assert 0 <= left <= 60 - w and 0 <= top <= 40 - h
+        assert 0.2 * 2400 - 60 <= w * h <= 0.9 * 2400 + 60  # rounding of w and h
+        assert 3 / 4 - 0.1 <= w / h <= 4 / 3 + 0.1
+    areas = torch.tensor([w * h / 2400 for _, _, w, h in boxes])
+    reference = torch.tensor([h * w / 2400 for _, _, h, w in (
+        transforms.RandomResizedCrop.get_params(Image.new("RGB", (60, 40)), (0.2, 0.9), (3 / 4, 4 / 3))
+        for _ in range(2000))])
+    assert abs(areas.mean() - reference.mean()) < 0.02 and abs(areas.std() - reference.std()) < 0.02
+    # no try fits a 100 x 10 image at this scale: the largest centred crop of ratio 4/3
+    assert random_resized_crop_box(100, 10, (0.9, 1.0)) == (43, 0, 13, 10)
+
+
+def test_batched_views_paste_the_crop_on_the_swapped_background():
+    """Left half foreground, a flat red bank: with a full-image crop the view shows the image on the left and red
+    on the right; the swap's draws and mask are those of the per-image swap."""
+    import numpy as np
+
+    from training.data.background_swap import BackgroundSwap
+    from training.data.loader import content_key
+
+    image = _image(32)
+    mask = np.zeros((64, 64), bool)
+    mask[:, :32] = True
+    red = np.zeros((1, 64, 64, 3), np.uint8)
+    red[..., 0] = 255
+    swap = BackgroundSwap(red, {content_key(image): np.packbits(mask)}, probability=1.0)
+    off = dict(OFF)
+    aug = TwoViewAugmentation(size=32, interpolation="bilinear", **off, background_swap=swap, batched_color=True,
+                              mean=(0, 0, 0), std=(1, 1, 1))
+    view = aug.collate([aug(image, seed=0)])["view2"][0]
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(view[:, :, :15], pixels[:, :, :15], atol=1e-6, rtol=0)
+    torch.testing.assert_close(view[:, :, 17:], torch.tensor([1.0, 0, 0])[:, None, None].expand(3, 32, 15))

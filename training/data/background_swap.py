@@ -218,3 +218,44 @@ class BackgroundSwap:
             return Image.composite(image, background, alpha)
 
         return swap
+
+    def _bank_image(self, index: int) -> Image.Image:
+        """Bank entry ``index`` as a PIL image, kept (per worker) once made: the batched views cut every view's
+        background from one, and re-wrapping the array each time cost as much as the cut."""
+        cache = self.__dict__.setdefault("_bank_images", {})
+        if index not in cache:
+            cache[index] = Image.fromarray(self.backgrounds[index])
+        return cache[index]
+
+    def for_crops(self, image: Image.Image) -> Callable[[tuple[int, int, int, int], int, Image.Resampling],
+                                                        tuple[np.ndarray, np.ndarray] | None]:
+        """Like :meth:`for_image`, for a pipeline that crops first and composites later (the batched two-view
+        views): the returned function takes a crop box of ``image`` (left, top, right, bottom), the output size
+        and the resampling, makes the same two draws per call, and returns ``(alpha uint8 [size, size],
+        background uint8 [size, size, 3])`` — the mask and the drawn background cut to that box, i.e. what
+        :meth:`for_image`'s composite would show there — or None where that would leave the image as it is."""
+        alpha: Image.Image | None = None
+        found = True
+
+        def swap_crop(box: tuple[int, int, int, int], size: int, resample: Image.Resampling):
+            nonlocal alpha, found
+            coin = torch.rand(1).item()
+            index = int(torch.randint(len(self.backgrounds), (1,)).item())
+            if coin >= self.probability or not found:
+                return None
+            if alpha is None:
+                mask = self.mask(image)
+                found = self.MIN_FOREGROUND <= mask.mean() <= self.MAX_FOREGROUND
+                if not found:
+                    return None
+                alpha = Image.fromarray(mask.astype(np.uint8) * 255)
+            background = self._bank_image(index)
+
+            def cut(part: Image.Image, resample: Image.Resampling) -> np.ndarray:  # the box in `part`'s own grid
+                sx, sy = part.width / image.width, part.height / image.height
+                return np.asarray(part.resize((size, size), resample,
+                                              box=(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)))
+
+            return cut(alpha, Image.Resampling.BILINEAR), cut(background, resample)  # alpha as in `for_image`
+
+        return swap_crop

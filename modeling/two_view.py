@@ -68,8 +68,52 @@ def build_backbone(config: BackboneConfig) -> Backbone:
     if isinstance(config, ResNetConfig):
         return ResNetModel(config)
     if isinstance(config, TextNetConfig):
-        return TextNetModel(config)
+        model = TextNetModel(config)
+        return model if getattr(config, TEXTNET_BRANCHES, True) else remove_textnet_branches_(model)
     return DinoVisionModel(config)
+
+
+# A `TextNetConfig` attribute of ours (config.json keeps it; stock TextNet ignores it): False = the layers train
+# without RepVGG's vertical / horizontal / identity branches (see `remove_textnet_branches_`).
+TEXTNET_BRANCHES = "rep_branches"
+_TEXTNET_BRANCH_MODULES = ("vertical_conv", "vertical_batch_norm", "horizontal_conv", "horizontal_batch_norm",
+                           "rbr_identity")
+
+
+def remove_textnet_branches_(model: TextNetModel) -> TextNetModel:
+    """Drop the training-time branches of every `TextNetRepConvLayer` (its forward skips a branch that is None):
+    a plain conv-BN-ReLU stack, ~2.5x cheaper to train on CPU than with the branches (docs/small_data.md).
+    `stock_textnet` turns it back into a stock model with the branches present and contributing zero."""
+    for module in model.modules():
+        if type(module).__name__ == "TextNetRepConvLayer":
+            for name in _TEXTNET_BRANCH_MODULES:
+                setattr(module, name, None)
+    return model
+
+
+@torch.no_grad()
+def stock_textnet(model: TextNetModel) -> TextNetModel:
+    """A stock `TextNetModel` equal to ``model`` in eval mode: a model without branches gets them back with zero
+    weights and zero BatchNorm scale and shift, so each adds exactly 0 (in train mode too: a zero conv output, or
+    any input scaled by 0, normalises to 0). A model with its branches is returned as it is."""
+    if getattr(model.config, TEXTNET_BRANCHES, True):
+        return model
+    values = {k: v for k, v in model.config.to_dict().items() if k != TEXTNET_BRANCHES}
+    stock = TextNetModel(TextNetConfig.from_dict(values))
+    for module in stock.modules():
+        if type(module).__name__ == "TextNetRepConvLayer":
+            for name in _TEXTNET_BRANCH_MODULES:
+                branch = getattr(module, name)
+                if branch is not None:
+                    for tensor in (*branch.parameters(), *branch.buffers()):
+                        tensor.zero_()
+                    if isinstance(branch, nn.BatchNorm2d):
+                        branch.running_var.fill_(1.0)
+    missing, unexpected = stock.load_state_dict(model.state_dict(), strict=False)
+    branch_keys = [k for k in missing if any(f".{name}." in k for name in _TEXTNET_BRANCH_MODULES)]
+    if unexpected or len(branch_keys) != len(missing):
+        raise ValueError(f"TextNet export: unexpected {unexpected}, missing non-branch {sorted(set(missing) - set(branch_keys))}")
+    return stock.train(model.training)
 
 
 def is_convnet(config: BackboneConfig) -> bool:
@@ -403,7 +447,8 @@ class TwoViewPreTrainedModel(PreTrainedModel):
         c = self.config.backbone_config
         if isinstance(c, TextNetConfig):
             return {"backbone": f"plain CNN (`TextNetModel`), stem stride {c.stem_stride}, layers per stage "
-                                f"{[len(k) for k in c.conv_layer_kernel_sizes]}, widths {list(c.hidden_sizes)}"}
+                                f"{[len(k) for k in c.conv_layer_kernel_sizes]}, widths {list(c.hidden_sizes)}"
+                                + ("" if getattr(c, TEXTNET_BRANCHES, True) else ", trained without RepVGG branches")}
         if is_convnet(c):
             return {"backbone": f"ResNet (`ResNetModel`), stages {list(c.depths)}, widths {list(c.hidden_sizes)}"}
         return {"backbone": f"ViT (exported as `Dinov2Model`), width {c.hidden_size}, depth {c.num_hidden_layers}, "

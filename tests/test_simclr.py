@@ -65,14 +65,19 @@ def test_model_forward_and_reload(tmp_path):
     assert loaded.config.loss_temperature == 0.2 and loaded.config.out_dim == 16
 
 
-@pytest.mark.parametrize("section, expected", [
-    (RESNET_SECTION, "ResNetModel (1, 32, 1, 1)"),
-    ({"arch": "textnet", "textnet_depths": [1, 1, 2], "textnet_hidden_sizes": [8, 16, 32]}, "TextNetModel (1, 32, 2, 2)"),
-], ids=["resnet", "textnet"])
-def test_trains_with_background_swap_and_exports_stock_backbone(tmp_path, section, expected):
+TEXTNET_SECTION = {"arch": "textnet", "textnet_depths": [1, 1, 2], "textnet_hidden_sizes": [8, 16, 32]}
+
+
+@pytest.mark.parametrize("section, batched, expected", [
+    (RESNET_SECTION, False, "ResNetModel (1, 32, 1, 1)"),
+    (TEXTNET_SECTION, False, "TextNetModel (1, 32, 2, 2)"),
+    ({**TEXTNET_SECTION, "textnet_branches": False, "channels_last": True}, True, "TextNetModel (1, 32, 2, 2)"),
+], ids=["resnet", "textnet", "textnet-no-branches-batched-color"])
+def test_trains_with_background_swap_and_exports_stock_backbone(tmp_path, section, batched, expected):
     out = tmp_path / "run"
     config = {"method": "simclr", "model": section, "simclr": {"hidden_dim": 32, "out_dim": 16},
-              "crops": {"global_size": 32}, "views": {"background_swap": 0.5, "color_jitter": [0.4, 0.4, 0.4, 0.5]},
+              "crops": {"global_size": 32},
+              "views": {"background_swap": 0.5, "color_jitter": [0.4, 0.4, 0.4, 0.5], "batched_color": batched},
               "data": DATA, "train": {"save_every": 1000, "log_every": 1},
               "optim": {**OPTIM, "base_lr": 1e-3, "epochs": 1}}
     log = train(config, tmp_path, f"train.output_dir={out}")
@@ -83,6 +88,15 @@ def test_trains_with_background_swap_and_exports_stock_backbone(tmp_path, sectio
     code = "print(type(m).__name__, tuple(m(pixel_values=torch.randn(1, 3, 32, 32)).pooler_output.shape))"
     assert load_stock(out / "backbone", code, tmp_path).strip() == expected
     assert "SimCLR" in (out / "backbone" / "README.md").read_text()
+    if batched:  # batched colour + channels-last weights: a run stopped at step 3 and resumed ends the same
+        resumed = tmp_path / "resumed"
+        train(config, tmp_path, f"train.output_dir={resumed}", "train.max_steps=3", "train.save_every=3")
+        train(config, tmp_path, f"train.output_dir={resumed}")  # resume=auto
+        assert [metric_rows(resumed)[s]["loss"] for s in range(4, 7)] == [rows[s]["loss"] for s in range(4, 7)]
+        from safetensors.torch import load_file
+
+        a, b = (load_file(d / "backbone" / "model.safetensors") for d in (out, resumed))
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_multicrop_hue_setting_is_refused_by_the_two_view_pipeline(tmp_path):
@@ -123,3 +137,39 @@ def test_textnet_is_a_plain_cnn_at_full_resolution_and_its_features_are_the_glob
     torch.testing.assert_close(mean, pooled, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="one entry per stage"):
         textnet_config([1, 2], [16, 32, 64])
+
+
+def test_textnet_without_branches_exports_as_the_same_function(tmp_path):
+    """`model.textnet_branches: false` trains a plain conv-BN-ReLU stack; its export is a stock TextNetModel whose
+    (zero) branches change nothing, in eval mode and in train mode, and the pretraining model round-trips."""
+    from transformers import AutoModel
+
+    from modeling.simclr import SimCLRConfig, SimCLRForPretraining
+    from modeling.two_view import build_backbone
+    from training.export import save_backbone
+    from training.methods.two_view import textnet_config
+
+    torch.manual_seed(0)
+    with_branches = build_backbone(textnet_config([1, 2, 2], [8, 16, 32]))
+    backbone = build_backbone(textnet_config([1, 2, 2], [8, 16, 32], branches=False))
+    assert sum(p.numel() for p in backbone.parameters()) < 0.8 * sum(p.numel() for p in with_branches.parameters())
+    opt = torch.optim.SGD(backbone.parameters(), lr=0.1)
+    for _ in range(3):  # moves weights and BatchNorm statistics away from their init
+        backbone(pixel_values=torch.randn(8, 3, 32, 32)).last_hidden_state.pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    save_backbone(backbone.eval(), tmp_path / "b")
+    assert "rep_branches" not in (tmp_path / "b" / "config.json").read_text()
+    stock = AutoModel.from_pretrained(tmp_path / "b").eval()
+    assert stock.encoder.stages[1].stage[1].vertical_conv is not None  # stock: every branch is there
+    x = torch.randn(4, 3, 32, 32)
+    for mode in (False, True):
+        backbone.train(mode), stock.train(mode)
+        torch.testing.assert_close(stock(pixel_values=x).last_hidden_state,
+                                   backbone(pixel_values=x).last_hidden_state, atol=1e-6, rtol=0)
+    model = SimCLRForPretraining(SimCLRConfig(backbone_config=textnet_config([1, 2], [8, 16], branches=False),
+                                              hidden_dim=16, out_dim=8))
+    model.save_pretrained(tmp_path / "m")
+    loaded = SimCLRForPretraining.from_pretrained(tmp_path / "m")
+    assert loaded.backbone.encoder.stages[1].stage[0].vertical_conv is None
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())

@@ -67,14 +67,16 @@ def load_checkpoint_model(checkpoint: str | Path) -> nn.Module:
 def save_backbone(backbone: nn.Module, folder: Path) -> Path:
     """A stock-loadable backbone folder: our ViT becomes a stock transformers DINOv2 (+ the released models' image
     processor); any other `PreTrainedModel` is saved as it is."""
-    from transformers import ResNetModel
+    from transformers import ResNetModel, TextNetModel
 
-    from modeling.two_view import save_resnet_backbone
+    from modeling.two_view import save_resnet_backbone, stock_textnet
 
     if isinstance(backbone, DinoVisionModel):
         return export_backbone(backbone, folder)
     if isinstance(backbone, ResNetModel):
         return save_resnet_backbone(backbone, folder)  # + the image processor of microsoft/resnet-50
+    if isinstance(backbone, TextNetModel):
+        backbone = stock_textnet(backbone)  # a branch-free one gets its (zero) branches back
     backbone.save_pretrained(folder)
     _ensure_image_processor(Path(folder))
     return folder

@@ -9,10 +9,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import ResNetConfig, TextNetConfig
 
 from modeling import DinoVisionConfig
-from modeling.two_view import BackboneConfig, TwoViewPreTrainedModel, sync_batch_norm
+from modeling.two_view import TEXTNET_BRANCHES, BackboneConfig, TwoViewPreTrainedModel, sync_batch_norm
 
 from ..build import ModelConfig, folder_model_type, load_backbone
 from ..config import ConfigError, check
@@ -41,6 +42,12 @@ class BackboneModelConfig(ModelConfig):
     textnet_depths: list[int] = field(default_factory=lambda: [1, 2, 2, 2], metadata=check(ge=1))
     textnet_hidden_sizes: list[int] = field(default_factory=lambda: [16, 32, 64, 128], metadata=check(ge=1))
     textnet_stride: int = field(default=1, metadata=check(ge=1))
+    # RepVGG's training-time branches (3x1, 1x3, identity) beside each 3x3 conv; false: a plain conv-BN-ReLU stack,
+    # ~2.5x cheaper on CPU, exported as a stock TextNetModel whose branches are zero (the same function)
+    textnet_branches: bool = True
+    # ConvNet weights in channels-last memory layout: oneDNN's fast path on CPU (a 32 px TextNet step took 114 ms
+    # instead of 148 on 2 cores) and cuDNN's with mixed precision
+    channels_last: bool = False
 
 
 @dataclass
@@ -61,7 +68,8 @@ def backbone_config(model: BackboneModelConfig, view_size: int) -> BackboneConfi
             depths=list(model.resnet_depths), layer_type=model.resnet_layer_type,
         )
     if model.arch == "textnet":
-        return textnet_config(model.textnet_depths, model.textnet_hidden_sizes, model.textnet_stride)
+        return textnet_config(model.textnet_depths, model.textnet_hidden_sizes, model.textnet_stride,
+                              branches=model.textnet_branches)
     sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "ffn", "drop_path_rate", "layerscale_init",
              "patch_size")
     overrides = {name: getattr(model, name) for name in sizes if getattr(model, name) is not None}
@@ -69,8 +77,9 @@ def backbone_config(model: BackboneModelConfig, view_size: int) -> BackboneConfi
                                         num_register_tokens=model.num_register_tokens, **overrides)
 
 
-def textnet_config(depths: list[int], widths: list[int], stem_stride: int = 1) -> TextNetConfig:
-    """`TextNetConfig` of a plain VGG-style CNN (see `BackboneModelConfig`)."""
+def textnet_config(depths: list[int], widths: list[int], stem_stride: int = 1, branches: bool = True) -> TextNetConfig:
+    """`TextNetConfig` of a plain VGG-style CNN (see `BackboneModelConfig`); `branches=False` trains it without
+    RepVGG's branches (`modeling.two_view.remove_textnet_branches_`)."""
     if len(depths) != len(widths):
         raise ConfigError(f"model.textnet_depths {depths} and model.textnet_hidden_sizes {widths} need one entry per "
                           "stage each")
@@ -79,6 +88,7 @@ def textnet_config(depths: list[int], widths: list[int], stem_stride: int = 1) -
         hidden_sizes=[widths[0], *widths],
         conv_layer_kernel_sizes=[[[3, 3]] * d for d in depths],
         conv_layer_strides=[[1 if i == 0 else 2] + [1] * (d - 1) for i, d in enumerate(depths)],
+        **({} if branches else {TEXTNET_BRANCHES: False}),
     )
 
 
@@ -100,6 +110,8 @@ def build_two_view_model(
             model.load_backbone_weights(_backbone_weights(source, cfg.model))
             logger.info("initialised the backbones from %s (fresh heads)", source)
     model.train()  # from_pretrained returns eval mode: BatchNorm would use running statistics
+    if cfg.model.channels_last:
+        model.to(memory_format=torch.channels_last)  # 4-d weights only; checkpoints still hold plain tensors
     if cfg.model.gradient_checkpointing:
         model.backbone.gradient_checkpointing_enable()
     if cfg.model.compile:

@@ -32,7 +32,7 @@ from .two_view import (
 
 class SimCLRConfig(TwoViewPretrainingConfig):
     """Backbone + projection head (`projector_layers` linears of width `hidden_dim`, BatchNorm + ReLU between
-    them, BatchNorm on the output as SimCLR v2's head) + the NT-Xent temperature.
+    them, BatchNorm on the output as SimCLR's head, unless `projector_last_bn` is False) + the NT-Xent temperature.
 
     Health: `embedding_std` below `collapse_threshold` (every image the same embedding)."""
 
@@ -47,9 +47,11 @@ class SimCLRConfig(TwoViewPretrainingConfig):
         loss_temperature: float = 0.1,
         zero_init_residual: bool = False,
         collapse_threshold: float = 0.05,
+        projector_last_bn: bool = True,
         **kwargs,
     ):
         self.projector_layers = projector_layers
+        self.projector_last_bn = projector_last_bn
         self.hidden_dim = hidden_dim
         self.out_dim = out_dim
         self.loss_temperature = loss_temperature
@@ -79,7 +81,7 @@ class SimCLRForPretraining(TwoViewPreTrainedModel, PretrainingMethod):
         self.backbone = build_backbone(config.backbone_config)
         dims = mlp_dims(backbone_dim(config.backbone_config), config.hidden_dim, config.out_dim,
                         config.projector_layers)
-        self.projector = batchnorm_mlp(dims, last_bn=True)
+        self.projector = batchnorm_mlp(dims, last_bn=config.projector_last_bn)
         self.post_init()
         self._start_backbone_(self.backbone)
 

@@ -75,11 +75,14 @@ def train(cfg: TrainConfig) -> dict:
     set_seed(cfg.train.seed)
     if accelerator.device.type == "cpu":
         keep_freed_memory()  # reuse the step's large buffers instead of page-faulting them in again (cpu_memory.py)
-    if accelerator.device.type == "cpu" and cfg.data.num_workers > 0 and "OMP_NUM_THREADS" not in os.environ:
-        # DataLoader workers need cores too: oversubscribed OpenMP threads spin-wait and were measured 10x slower
-        # (3.3 vs 37 img/s for the quickstart on 2 cores). `accelerate launch` sets OMP_NUM_THREADS itself.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores // accelerator.num_processes - cfg.data.num_workers))
+    if accelerator.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        if cfg.train.cpu_threads:
+            torch.set_num_threads(cfg.train.cpu_threads)
+        elif cfg.data.num_workers > 0:
+            # DataLoader workers need cores too: oversubscribed OpenMP threads spin-wait and were measured 10x
+            # slower (3.3 vs 37 img/s for the quickstart on 2 cores). `accelerate launch` sets OMP_NUM_THREADS.
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            torch.set_num_threads(max(1, cores // accelerator.num_processes - cfg.data.num_workers))
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")

@@ -108,6 +108,9 @@ class RunConfig:
     save_every: int = field(default=1000, metadata=check(ge=0))  # 0: only at the end
     keep_last: int = field(default=2, metadata=check(ge=1))  # newest checkpoints kept
     eval_every: int = field(default=0, metadata=check(ge=0))  # 0 = off
+    # CPU only: torch threads per process; 0 = its share of the cores minus the data workers (OMP_NUM_THREADS,
+    # when set, wins). More threads than that pays when the model's step outweighs the workers' (small images).
+    cpu_threads: int = field(default=0, metadata=check(ge=0))
     log_every: int = field(default=10, metadata=check(ge=1))
     report_to: str = "none"  # none | all | tensorboard | wandb | trackio (comma-separated)
     resume: str = "auto"  # auto (latest complete checkpoint) | never | PATH

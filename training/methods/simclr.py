@@ -21,6 +21,7 @@ class SimCLRSection:
     out_dim: int = field(default=128, metadata=check(ge=1))
     temperature: float = field(default=0.1, metadata=check(gt=0))
     zero_init_residual: bool = False
+    last_bn: bool = True  # BatchNorm (no shift) on the projector's output, as the reference's head
     collapse_threshold: float = field(default=0.05, metadata=check(ge=0))  # health: embedding_std below this warns
 
 
@@ -36,7 +37,7 @@ def build_simclr(cfg: SimCLRTrainConfig) -> SimCLRForPretraining:
     config = SimCLRConfig(
         backbone_config=backbone_config(cfg.model, cfg.crops.global_size), projector_layers=s.projector_layers,
         hidden_dim=s.hidden_dim, out_dim=s.out_dim, loss_temperature=s.temperature,
-        zero_init_residual=s.zero_init_residual, collapse_threshold=s.collapse_threshold,
+        zero_init_residual=s.zero_init_residual, collapse_threshold=s.collapse_threshold, projector_last_bn=s.last_bn,
     )
     return build_two_view_model(cfg, SimCLRForPretraining, config)
 

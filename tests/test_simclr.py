@@ -173,3 +173,25 @@ def test_textnet_without_branches_exports_as_the_same_function(tmp_path):
     loaded = SimCLRForPretraining.from_pretrained(tmp_path / "m")
     assert loaded.backbone.encoder.stages[1].stage[0].vertical_conv is None
     torch.testing.assert_close(loaded.state_dict(), model.state_dict())
+
+
+def test_projector_output_batchnorm_is_optional():
+    on = SimCLRForPretraining(SimCLRConfig(backbone_config=TINY_RESNET, hidden_dim=16, out_dim=8))
+    off = SimCLRForPretraining(SimCLRConfig(backbone_config=TINY_RESNET, hidden_dim=16, out_dim=8,
+                                            projector_last_bn=False))
+    assert isinstance(on.projector[-1], torch.nn.BatchNorm1d) and isinstance(off.projector[-1], torch.nn.Linear)
+    assert off(*views()).loss.isfinite()
+
+
+def test_cpu_threads_rule():
+    from training.loop import cpu_threads
+    from training.methods.simclr import SimCLRTrainConfig
+
+    cfg = SimCLRTrainConfig()
+    cfg.data.num_workers = 0
+    assert cpu_threads(cfg, 1, {}) is None  # no workers: torch's own default
+    cfg.data.num_workers = 1
+    assert cpu_threads(cfg, 1, {}) >= 1
+    cfg.train.cpu_threads = 3
+    assert cpu_threads(cfg, 1, {}) == 3  # the config's choice
+    assert cpu_threads(cfg, 1, {"OMP_NUM_THREADS": "1"}) is None  # the environment (accelerate launch) wins

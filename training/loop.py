@@ -75,14 +75,10 @@ def train(cfg: TrainConfig) -> dict:
     set_seed(cfg.train.seed)
     if accelerator.device.type == "cpu":
         keep_freed_memory()  # reuse the step's large buffers instead of page-faulting them in again (cpu_memory.py)
-    if accelerator.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        if cfg.train.cpu_threads:
-            torch.set_num_threads(cfg.train.cpu_threads)
-        elif cfg.data.num_workers > 0:
-            # DataLoader workers need cores too: oversubscribed OpenMP threads spin-wait and were measured 10x
-            # slower (3.3 vs 37 img/s for the quickstart on 2 cores). `accelerate launch` sets OMP_NUM_THREADS.
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            torch.set_num_threads(max(1, cores // accelerator.num_processes - cfg.data.num_workers))
+    if accelerator.device.type == "cpu":
+        threads = cpu_threads(cfg, accelerator.num_processes)
+        if threads is not None:
+            torch.set_num_threads(threads)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
@@ -316,6 +312,21 @@ def eval_backbone(model) -> torch.nn.Module:
     if "backbone" in exports:
         return exports["backbone"]
     return next(module for name, module in exports.items() if name.startswith("backbone/"))
+
+
+def cpu_threads(cfg: TrainConfig, num_processes: int, environ: dict[str, str] | None = None) -> int | None:
+    """Torch threads for each CPU process, or None to leave them: OMP_NUM_THREADS (`accelerate launch` sets it)
+    wins; then `train.cpu_threads`; else, with data workers, the process's share of the cores minus its workers —
+    oversubscribed OpenMP threads spin-wait, measured 10x slower (3.3 vs 37 img/s for the quickstart, 2 cores)."""
+    environ = os.environ if environ is None else environ
+    if "OMP_NUM_THREADS" in environ:
+        return None
+    if cfg.train.cpu_threads:
+        return cfg.train.cpu_threads
+    if cfg.data.num_workers > 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores // num_processes - cfg.data.num_workers)
+    return None
 
 
 def _to_device(value, device: torch.device):

@@ -264,3 +264,33 @@ def test_batched_views_paste_the_crop_on_the_swapped_background():
     pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
     torch.testing.assert_close(view[:, :, :15], pixels[:, :, :15], atol=1e-6, rtol=0)
     torch.testing.assert_close(view[:, :, 17:], torch.tensor([1.0, 0, 0])[:, None, None].expand(3, 32, 15))
+
+
+def test_object_centred_crops_centre_on_the_foreground_box():
+    import numpy as np
+
+    from training.data.background_swap import BackgroundSwap
+    from training.data.loader import content_key
+    from training.data.two_views import centre_in_region
+
+    assert centre_in_region(10, 10, (20, 20, 40, 40), (0.5, 0.5), 64, 64) == (25, 25)  # centre of the box
+    assert centre_in_region(10, 10, (0, 0, 4, 4), (0.0, 0.0), 64, 64) == (0, 0)  # pushed back inside the image
+    assert centre_in_region(10, 10, (60, 60, 64, 64), (1.0, 1.0), 64, 64) == (54, 54)
+    pixels = np.zeros((32, 32, 3), np.uint8)
+    pixels[0:20, 12:32] = 200  # grey around the foreground box, black elsewhere
+    image = Image.fromarray(pixels)
+    mask = np.zeros((64, 64), bool)
+    mask[8:24, 40:56] = True  # foreground box (20, 4, 28, 12) in the image's pixels
+    swap = BackgroundSwap(np.zeros((1, 64, 64, 3), np.uint8), {content_key(image): np.packbits(mask)}, 0.0)
+    options = dict(size=8, scale=(0.05, 0.05), interpolation="bilinear", mean=(0, 0, 0), std=(1, 1, 1),
+                   **{k: v for k, v in OFF.items() if k != "scale"}, background_swap=swap, batched_color=True)
+    aug = TwoViewAugmentation(**options, object_centred_crops=True)
+    assert aug._foreground_box(image) == (20.0, 4.0, 28.0, 12.0)
+    with pytest.raises(ValueError, match="object_centred_crops needs"):
+        TwoViewAugmentation(size=8, batched_color=True, object_centred_crops=True)
+    # 7x7 crops centred in the box stay in the grey; crops placed anywhere often reach the black
+    for centred, expected in ((True, True), (False, False)):
+        aug = TwoViewAugmentation(**options, object_centred_crops=centred)
+        views = aug.collate([aug(image, seed=seed) for seed in range(20)])
+        all_grey = torch.cat([views["view1"], views["view2"]]).sub(200 / 255).abs().max() < 1e-5
+        assert bool(all_grey) is expected

@@ -69,6 +69,9 @@ class ViewsConfig:
     # once per batch on tensors with per-image parameters (training/data/batched_color.py: ~3x less data time on
     # small images; torchvision's tensor ops, a true Gaussian blur)
     batched_color: bool = False
+    # with batched_color and background_swap: each crop's centre drawn inside the bounding box of the image's
+    # salient foreground (the swap's mask), so crops rarely miss the object — ContrastiveCrop (Peng et al., 2022)
+    object_centred_crops: bool = False
 
 
 class RandomPILGaussianBlur:
@@ -107,6 +110,7 @@ class TwoViewAugmentation:
         std: Sequence[float] = IMAGENET_STD,
         background_swap: BackgroundSwap | None = None,
         batched_color: bool = False,
+        object_centred_crops: bool = False,
     ) -> None:
         if len(blur_probability) != 2 or len(solarize_probability) != 2:
             raise ValueError("blur_probability and solarize_probability take one value per view, e.g. [1.0, 0.1]")
@@ -124,6 +128,10 @@ class TwoViewAugmentation:
             transforms.RandomGrayscale(p=grayscale_probability),
         ]
         self.batched_color = batched_color
+        if object_centred_crops and not (batched_color and background_swap is not None):
+            raise ValueError("views.object_centred_crops needs views.batched_color: true and views.background_swap > 0 "
+                             "(the crops are centred on the swap's foreground masks)")
+        self.object_centred_crops = object_centred_crops
         if batched_color:  # crops here, the photometric ops (and the swap's composite) in `collate`
             self.horizontal_flip = horizontal_flip
             self._resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}[interpolation]
@@ -159,13 +167,29 @@ class TwoViewAugmentation:
         view2 = self.views[1](swap())
         return {"view1": view1, "view2": view2}
 
+    def _foreground_box(self, image: Image.Image) -> tuple[float, float, float, float] | None:
+        """Bounding box (left, top, right, bottom, image pixels) of the swap's foreground mask, or None where the
+        swap finds no usable foreground (then crops are placed as usual)."""
+        swap = self.background_swap
+        mask = swap.mask(image)
+        if not swap.MIN_FOREGROUND <= mask.mean() <= swap.MAX_FOREGROUND:
+            return None
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        sy, sx = image.height / mask.shape[0], image.width / mask.shape[1]
+        return cols[0] * sx, rows[0] * sy, (cols[-1] + 1) * sx, (rows[-1] + 1) * sy
+
     def _crops(self, image: Image.Image) -> dict[str, torch.Tensor]:
         """`batched_color`: per view the uint8 crop (flipped), the swap's alpha and background cut to the same box
         (alpha 255 / background 0 where nothing is swapped) and the colour parameters; `collate` does the rest."""
         swap = self.background_swap.for_crops(image) if self.background_swap is not None else None
+        region = self._foreground_box(image) if self.object_centred_crops else None
         out = {}
         for i in (1, 2):
             left, top, width, height = random_resized_crop_box(image.width, image.height, self.scale)
+            if self.object_centred_crops:
+                u, v = torch.rand(2).tolist()  # drawn whether or not a box was found: a fixed number of draws
+                if region is not None:
+                    left, top = centre_in_region(width, height, region, (u, v), image.width, image.height)
             box = (left, top, left + width, top + height)
             flip = self.horizontal_flip and torch.rand(1).item() < 0.5
             parts = {"": np.asarray(image.resize((self.size, self.size), self._resample, box=box))}
@@ -214,6 +238,16 @@ class _BatchedViews:
                 x = (alpha * x + (1 - alpha) * background) / 255
             out[name] = self.color(x, torch.stack([s[f"{name}_color"] for s in samples]))
         return out
+
+
+def centre_in_region(width: int, height: int, region: Sequence[float], uv: Sequence[float], image_width: int,
+                     image_height: int) -> tuple[int, int]:
+    """(left, top) of a ``width`` x ``height`` crop centred at the point ``uv`` (fractions) of ``region`` (left, top,
+    right, bottom), moved the least needed to stay inside the image."""
+    x0, y0, x1, y1 = region
+    left = round(x0 + uv[0] * (x1 - x0) - width / 2)
+    top = round(y0 + uv[1] * (y1 - y0) - height / 2)
+    return min(max(left, 0), image_width - width), min(max(top, 0), image_height - height)
 
 
 def random_resized_crop_box(width: int, height: int, scale: Sequence[float],

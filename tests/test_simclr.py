@@ -137,6 +137,11 @@ def test_textnet_is_a_plain_cnn_at_full_resolution_and_its_features_are_the_glob
     torch.testing.assert_close(mean, pooled, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="one entry per stage"):
         textnet_config([1, 2], [16, 32, 64])
+    # a 2x2 stride-2 first layer (patch merge) in the later stages: same map sizes
+    merged = build_backbone(textnet_config([1, 2, 2, 2], [16, 32, 64, 128], downsample_kernel=2)).eval()
+    assert merged.encoder.stages[1].stage[0].main_conv.kernel_size == (2, 2)
+    assert merged.encoder.stages[1].stage[1].main_conv.kernel_size == (3, 3)
+    assert merged(pixel_values=x).last_hidden_state.shape == (2, 128, 4, 4)
 
 
 def test_textnet_without_branches_exports_as_the_same_function(tmp_path):

@@ -45,6 +45,9 @@ class BackboneModelConfig(ModelConfig):
     # RepVGG's training-time branches (3x1, 1x3, identity) beside each 3x3 conv; false: a plain conv-BN-ReLU stack,
     # ~2.5x cheaper on CPU, exported as a stock TextNetModel whose branches are zero (the same function)
     textnet_branches: bool = True
+    # kernel of the stride-2 first layer of every stage after the first: 3, or 2 (a 2x2 patch merge that sees every
+    # pixel once, where a strided 3x3 skips every other position)
+    textnet_downsample_kernel: int = field(default=3, metadata=check(choices=(2, 3)))
     # ConvNet weights in channels-last memory layout: oneDNN's fast path on CPU (a 32 px TextNet step took 114 ms
     # instead of 148 on 2 cores) and cuDNN's with mixed precision
     channels_last: bool = False
@@ -69,7 +72,7 @@ def backbone_config(model: BackboneModelConfig, view_size: int) -> BackboneConfi
         )
     if model.arch == "textnet":
         return textnet_config(model.textnet_depths, model.textnet_hidden_sizes, model.textnet_stride,
-                              branches=model.textnet_branches)
+                              branches=model.textnet_branches, downsample_kernel=model.textnet_downsample_kernel)
     sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "ffn", "drop_path_rate", "layerscale_init",
              "patch_size")
     overrides = {name: getattr(model, name) for name in sizes if getattr(model, name) is not None}
@@ -77,7 +80,8 @@ def backbone_config(model: BackboneModelConfig, view_size: int) -> BackboneConfi
                                         num_register_tokens=model.num_register_tokens, **overrides)
 
 
-def textnet_config(depths: list[int], widths: list[int], stem_stride: int = 1, branches: bool = True) -> TextNetConfig:
+def textnet_config(depths: list[int], widths: list[int], stem_stride: int = 1, branches: bool = True,
+                   downsample_kernel: int = 3) -> TextNetConfig:
     """`TextNetConfig` of a plain VGG-style CNN (see `BackboneModelConfig`); `branches=False` trains it without
     RepVGG's branches (`modeling.two_view.remove_textnet_branches_`)."""
     if len(depths) != len(widths):
@@ -86,7 +90,8 @@ def textnet_config(depths: list[int], widths: list[int], stem_stride: int = 1, b
     return TextNetConfig(
         stem_kernel_size=3, stem_stride=stem_stride, stem_out_channels=widths[0],
         hidden_sizes=[widths[0], *widths],
-        conv_layer_kernel_sizes=[[[3, 3]] * d for d in depths],
+        conv_layer_kernel_sizes=[[[3, 3] if i == 0 or j else [downsample_kernel] * 2 for j in range(d)]
+                                 for i, d in enumerate(depths)],
         conv_layer_strides=[[1 if i == 0 else 2] + [1] * (d - 1) for i, d in enumerate(depths)],
         **({} if branches else {TEXTNET_BRANCHES: False}),
     )

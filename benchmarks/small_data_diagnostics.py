@@ -154,12 +154,17 @@ def colour(x: torch.Tensor) -> torch.Tensor:
     return (to_grey * grey(x).expand_as(x) + (1 - to_grey) * x).clamp(0, 1)
 
 
-def cnn(width: int) -> nn.Module:
-    def stage(i: int, o: int) -> list[nn.Module]:
-        return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True),
+def cnn(width: int, strided: bool = False) -> nn.Module:
+    """Four stages of two 3x3 conv-BN-ReLU; 2x2 max-pooling between them, or with `strided` a stride-2 first conv
+    (TextNet's way)."""
+    def stage(i: int, o: int, stride: int = 1) -> list[nn.Module]:
+        return [nn.Conv2d(i, o, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True),
                 nn.Conv2d(o, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
 
     w = width
+    if strided:
+        return nn.Sequential(*stage(3, w), *stage(w, 2 * w, 2), *stage(2 * w, 4 * w, 2), *stage(4 * w, 8 * w, 2),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten())
     return nn.Sequential(*stage(3, w), nn.MaxPool2d(2), *stage(w, 2 * w), nn.MaxPool2d(2), *stage(2 * w, 4 * w),
                          nn.MaxPool2d(2), *stage(4 * w, 8 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
@@ -186,13 +191,14 @@ class TextNet(nn.Module):
     stride-1 3x3 stem, then stages of 3x3 RepVGG-style conv-BN-ReLU layers with a stride-2 first layer instead of
     max-pooling; global average pool."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, branches: bool = True, depths: list[int] = (1, 2, 2, 2), down: int = 3) -> None:
         super().__init__()
         from modeling.two_view import build_backbone
         from training.methods.two_view import textnet_config
 
         w = width
-        self.model = build_backbone(textnet_config([1, 2, 2, 2], [w, 2 * w, 4 * w, 8 * w]))
+        self.model = build_backbone(textnet_config(list(depths), [w, 2 * w, 4 * w, 8 * w], branches=branches,
+                                                   downsample_kernel=down))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from modeling.two_view import pooled_features
@@ -212,6 +218,11 @@ def main() -> None:
     p.add_argument("--flat", type=float, default=0.0,
                    help="with --swap: probability that a view's new background is one flat random colour")
     p.add_argument("--arch", choices=("cnn", "resnet", "convnext", "textnet"), default="cnn")
+    p.add_argument("--strided", action="store_true", help="cnn: stride-2 convs instead of max-pooling")
+    p.add_argument("--torch_init", action="store_true", help="textnet: PyTorch's default init, not TextNet's")
+    p.add_argument("--depths", type=int, nargs=4, default=(1, 2, 2, 2), help="textnet layers per stage")
+    p.add_argument("--down", type=int, default=3, help="textnet: kernel of each later stage's stride-2 first layer")
+    p.add_argument("--no_branches", action="store_true", help="textnet without RepVGG's training-time branches")
     p.add_argument("--widths", type=int, nargs=4, default=(32, 64, 128, 256), help="resnet / convnext stage widths")
     p.add_argument("--patch", type=int, default=1, help="convnext stem patch size")
     p.add_argument("--width", type=int, default=16)
@@ -254,8 +265,12 @@ def main() -> None:
             x = m * x + (1 - m) * new
         return (colour(affine_views(x, tuple(args.scale), args.rotation, args.size)) - mean) / std
 
-    backbone = (cnn(args.width) if args.arch == "cnn" else TextNet(args.width) if args.arch == "textnet" else
+    backbone = (cnn(args.width, args.strided) if args.arch == "cnn" else TextNet(args.width, not args.no_branches, args.depths, args.down) if args.arch == "textnet" else
                 ResNet(list(args.widths), convnext=args.arch == "convnext", patch=args.patch))
+    if args.torch_init:
+        for m in backbone.modules():
+            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+                m.reset_parameters()
     dim = 8 * args.width if args.arch in ("cnn", "textnet") else args.widths[-1]
     projector = mlp(dim, 512, 128)
     heads = nn.ModuleDict({"classifier": nn.Linear(dim, len(OBJECT_CLASSES))} if args.objective == "supervised"

@@ -195,27 +195,41 @@ class BackgroundSwap:
     def __call__(self, image: Image.Image) -> Image.Image:
         return self.for_image(image)()
 
-    def for_image(self, image: Image.Image) -> Callable[[], Image.Image]:
-        """A function returning a swap of ``image``, with draws of its own at each call (one per view); the mask
-        is looked up once, by the first call that swaps."""
+    def _draws(self, image: Image.Image) -> Callable[[], tuple[int, Image.Image] | None]:
+        """Per call (one per view): the two draws — always both (coin, background index), so the stream does not
+        depend on the coin — and, when the view is swapped, ``(index, alpha)``: the image's mask as an 8-bit image
+        at mask size, looked up once, by the first call that swaps. None: the view keeps its background (the coin,
+        or no usable foreground: a swap would drop the content)."""
         alpha: Image.Image | None = None
         found = True
 
-        def swap() -> Image.Image:
+        def draw() -> tuple[int, Image.Image] | None:
             nonlocal alpha, found
-            # Two draws always (coin, background index), so the stream does not depend on the coin.
             coin = torch.rand(1).item()
             index = int(torch.randint(len(self.backgrounds), (1,)).item())
             if coin >= self.probability or not found:
-                return image
+                return None
             if alpha is None:
                 mask = self.mask(image)
                 found = self.MIN_FOREGROUND <= mask.mean() <= self.MAX_FOREGROUND
                 if not found:
-                    return image  # no foreground found (or no background left): a swap would drop the content
-                alpha = Image.fromarray(mask.astype(np.uint8) * 255).resize(image.size, Image.Resampling.BILINEAR)
+                    return None
+                alpha = Image.fromarray(mask.astype(np.uint8) * 255)
+            return index, alpha
+
+        return draw
+
+    def for_image(self, image: Image.Image) -> Callable[[], Image.Image]:
+        """A function returning a swap of ``image``, with draws of its own at each call (one per view)."""
+        draw = self._draws(image)
+
+        def swap() -> Image.Image:
+            drawn = draw()
+            if drawn is None:
+                return image
+            index, alpha = drawn
             background = Image.fromarray(self.backgrounds[index]).resize(image.size, Image.Resampling.BILINEAR)
-            return Image.composite(image, background, alpha)
+            return Image.composite(image, background, alpha.resize(image.size, Image.Resampling.BILINEAR))
 
         return swap
 
@@ -234,28 +248,20 @@ class BackgroundSwap:
         and the resampling, makes the same two draws per call, and returns ``(alpha uint8 [size, size],
         background uint8 [size, size, 3])`` — the mask and the drawn background cut to that box, i.e. what
         :meth:`for_image`'s composite would show there — or None where that would leave the image as it is."""
-        alpha: Image.Image | None = None
-        found = True
+        draw = self._draws(image)
 
         def swap_crop(box: tuple[int, int, int, int], size: int, resample: Image.Resampling):
-            nonlocal alpha, found
-            coin = torch.rand(1).item()
-            index = int(torch.randint(len(self.backgrounds), (1,)).item())
-            if coin >= self.probability or not found:
+            drawn = draw()
+            if drawn is None:
                 return None
-            if alpha is None:
-                mask = self.mask(image)
-                found = self.MIN_FOREGROUND <= mask.mean() <= self.MAX_FOREGROUND
-                if not found:
-                    return None
-                alpha = Image.fromarray(mask.astype(np.uint8) * 255)
-            background = self._bank_image(index)
+            index, alpha = drawn
 
             def cut(part: Image.Image, resample: Image.Resampling) -> np.ndarray:  # the box in `part`'s own grid
                 sx, sy = part.width / image.width, part.height / image.height
                 return np.asarray(part.resize((size, size), resample,
                                               box=(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)))
 
-            return cut(alpha, Image.Resampling.BILINEAR), cut(background, resample)  # alpha as in `for_image`
+            # alpha bilinear, as for_image resizes it
+            return cut(alpha, Image.Resampling.BILINEAR), cut(self._bank_image(index), resample)
 
         return swap_crop

@@ -1,7 +1,7 @@
 """Does a recipe learn *content* on a small dataset? kNN top-1 on the `objects` set against strong baselines.
 
     python benchmarks/small_data.py [--config configs/small_data.yaml] [--seeds 0 1 2] [--out outputs/small_data]
-    python benchmarks/small_data.py --config configs/simclr_small_data.yaml   # SimCLR + background swap
+    python benchmarks/small_data.py --config configs/dinov2_small_data.yaml   # the DINOv2 attempt
 
 The `objects` set (training/objects_data.py, built offline) labels each image by the shape pasted on it; the
 backgrounds are crops of real photos, disjoint between train and test, and colour, scale, rotation and position are

@@ -1,5 +1,5 @@
 """SimCLR (`method: simclr`): the `simclr` section and the model builder. The model is
-`modeling.simclr.SimCLRForPretraining`; recipe: configs/small_data.yaml (a small ResNet on the `objects` set)."""
+`modeling.simclr.SimCLRForPretraining`; recipe: configs/small_data.yaml (a plain CNN on the `objects` set)."""
 
 from __future__ import annotations
 

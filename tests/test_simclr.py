@@ -77,7 +77,8 @@ def test_trains_with_background_swap_and_exports_stock_backbone(tmp_path, sectio
     out = tmp_path / "run"
     config = {"method": "simclr", "model": section, "simclr": {"hidden_dim": 32, "out_dim": 16},
               "crops": {"global_size": 32},
-              "views": {"background_swap": 0.5, "color_jitter": [0.4, 0.4, 0.4, 0.5], "batched_color": batched},
+              "views": {"background_swap": 0.5, "color_jitter": [0.4, 0.4, 0.4, 0.5], "batched_color": batched,
+                        "object_centred_crops": batched},
               "data": DATA, "train": {"save_every": 1000, "log_every": 1},
               "optim": {**OPTIM, "base_lr": 1e-3, "epochs": 1}}
     log = train(config, tmp_path, f"train.output_dir={out}")

@@ -66,8 +66,8 @@ class ViewsConfig:
     # (training/data/background_swap.py): small sets of objects on varied backgrounds; 0 = off (the references)
     background_swap: float = field(default=0.0, metadata=check(ge=0, le=1))
     # false: every op per image in PIL (the references'); true: crop and flip per image in PIL, the photometric ops
-    # once per batch on tensors with per-image parameters (training/data/batched_color.py: ~3x less data time on
-    # small images; torchvision's tensor ops, a true Gaussian blur)
+    # once per batch on tensors with per-image parameters (training/data/batched_color.py: less data time on small
+    # images, docs/small_data.md finding 15; torchvision's tensor ops, a true Gaussian blur)
     batched_color: bool = False
     # with batched_color and background_swap: each crop's centre drawn inside the bounding box of the image's
     # salient foreground (the swap's mask), so crops rarely miss the object — ContrastiveCrop (Peng et al., 2022)

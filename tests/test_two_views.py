@@ -294,3 +294,15 @@ def test_object_centred_crops_centre_on_the_foreground_box():
         views = aug.collate([aug(image, seed=seed) for seed in range(20)])
         all_grey = torch.cat([views["view1"], views["view2"]]).sub(200 / 255).abs().max() < 1e-5
         assert bool(all_grey) is expected
+
+
+def test_batched_views_take_odd_images():
+    """A 3x5 image, a 400x10 strip, a flat image (no foreground: crops placed as usual) and a photo in one batch."""
+    from training.data.background_swap import BackgroundSwap
+
+    images = [_image(40).resize((3, 5)), _image(40).resize((400, 10)), Image.new("RGB", (64, 64), (128, 128, 128)),
+              _image(48)]
+    swap = BackgroundSwap.from_images(images, 1.0)
+    aug = TwoViewAugmentation(16, (0.3, 1.0), batched_color=True, background_swap=swap, object_centred_crops=True)
+    batch = aug.collate([aug(image, seed=i) for i, image in enumerate(images)])
+    assert batch["view1"].shape == (4, 3, 16, 16) and batch["view2"].isfinite().all() and batch["batch_size"] == 4

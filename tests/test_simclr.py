@@ -70,7 +70,8 @@ TEXTNET_SECTION = {"arch": "textnet", "textnet_depths": [1, 1, 2], "textnet_hidd
 
 @pytest.mark.parametrize("section, batched, expected", [
     (RESNET_SECTION, False, "ResNetModel (1, 32, 1, 1)"),
-    (TEXTNET_SECTION, False, "TextNetModel (1, 32, 2, 2)"),
+    # with its RepVGG branches: slow (the branch-free case below runs the same path; the unit tests cover both)
+    pytest.param(TEXTNET_SECTION, False, "TextNetModel (1, 32, 2, 2)", marks=pytest.mark.slow),
     ({**TEXTNET_SECTION, "textnet_branches": False, "channels_last": True}, True, "TextNetModel (1, 32, 2, 2)"),
 ], ids=["resnet", "textnet", "textnet-no-branches-batched-color"])
 def test_trains_with_background_swap_and_exports_stock_backbone(tmp_path, section, batched, expected):
@@ -89,15 +90,6 @@ def test_trains_with_background_swap_and_exports_stock_backbone(tmp_path, sectio
     code = "print(type(m).__name__, tuple(m(pixel_values=torch.randn(1, 3, 32, 32)).pooler_output.shape))"
     assert load_stock(out / "backbone", code, tmp_path).strip() == expected
     assert "SimCLR" in (out / "backbone" / "README.md").read_text()
-    if batched:  # batched colour + channels-last weights: a run stopped at step 3 and resumed ends the same
-        resumed = tmp_path / "resumed"
-        train(config, tmp_path, f"train.output_dir={resumed}", "train.max_steps=3", "train.save_every=3")
-        train(config, tmp_path, f"train.output_dir={resumed}")  # resume=auto
-        assert [metric_rows(resumed)[s]["loss"] for s in range(4, 7)] == [rows[s]["loss"] for s in range(4, 7)]
-        from safetensors.torch import load_file
-
-        a, b = (load_file(d / "backbone" / "model.safetensors") for d in (out, resumed))
-        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_multicrop_hue_setting_is_refused_by_the_two_view_pipeline(tmp_path):
@@ -201,3 +193,24 @@ def test_cpu_threads_rule():
     cfg.train.cpu_threads = 3
     assert cpu_threads(cfg, 1, {}) == 3  # the config's choice
     assert cpu_threads(cfg, 1, {"OMP_NUM_THREADS": "1"}) is None  # the environment (accelerate launch) wins
+
+
+@pytest.mark.slow
+def test_batched_views_and_channels_last_resume_exactly(tmp_path):
+    """Batched colour, object-centred crops and channels-last weights: a run stopped at step 3 and resumed ends
+    with the losses and weights of the run that never stopped."""
+    from safetensors.torch import load_file
+
+    config = {"method": "simclr", "model": {**TEXTNET_SECTION, "textnet_branches": False, "channels_last": True},
+              "simclr": {"hidden_dim": 32, "out_dim": 16}, "crops": {"global_size": 32},
+              "views": {"background_swap": 0.5, "batched_color": True, "object_centred_crops": True},
+              "data": DATA, "train": {"save_every": 1000, "log_every": 1},
+              "optim": {**OPTIM, "base_lr": 1e-3, "epochs": 1}}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(config, tmp_path, f"train.output_dir={straight}")
+    train(config, tmp_path, f"train.output_dir={resumed}", "train.max_steps=3", "train.save_every=3")
+    train(config, tmp_path, f"train.output_dir={resumed}")  # resume=auto
+    ref, got = metric_rows(straight), metric_rows(resumed)
+    assert [got[s]["loss"] for s in range(4, 7)] == [ref[s]["loss"] for s in range(4, 7)]
+    a, b = (load_file(d / "backbone" / "model.safetensors") for d in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -76,7 +76,7 @@ def build_backbone(config: BackboneConfig) -> Backbone:
 # A `TextNetConfig` attribute of ours (config.json keeps it; stock TextNet ignores it): False = the layers train
 # without RepVGG's vertical / horizontal / identity branches (see `remove_textnet_branches_`).
 TEXTNET_BRANCHES = "rep_branches"
-_TEXTNET_BRANCH_MODULES = ("vertical_conv", "vertical_batch_norm", "horizontal_conv", "horizontal_batch_norm",
+TEXTNET_BRANCH_MODULES = ("vertical_conv", "vertical_batch_norm", "horizontal_conv", "horizontal_batch_norm",
                            "rbr_identity")
 
 
@@ -86,7 +86,7 @@ def remove_textnet_branches_(model: TextNetModel) -> TextNetModel:
     `stock_textnet` turns it back into a stock model with the branches present and contributing zero."""
     for module in model.modules():
         if type(module).__name__ == "TextNetRepConvLayer":
-            for name in _TEXTNET_BRANCH_MODULES:
+            for name in TEXTNET_BRANCH_MODULES:
                 setattr(module, name, None)
     return model
 
@@ -102,7 +102,7 @@ def stock_textnet(model: TextNetModel) -> TextNetModel:
     stock = TextNetModel(TextNetConfig.from_dict(values))
     for module in stock.modules():
         if type(module).__name__ == "TextNetRepConvLayer":
-            for name in _TEXTNET_BRANCH_MODULES:
+            for name in TEXTNET_BRANCH_MODULES:
                 branch = getattr(module, name)
                 if branch is not None:
                     for tensor in (*branch.parameters(), *branch.buffers()):
@@ -110,7 +110,7 @@ def stock_textnet(model: TextNetModel) -> TextNetModel:
                     if isinstance(branch, nn.BatchNorm2d):
                         branch.running_var.fill_(1.0)
     missing, unexpected = stock.load_state_dict(model.state_dict(), strict=False)
-    branch_keys = [k for k in missing if any(f".{name}." in k for name in _TEXTNET_BRANCH_MODULES)]
+    branch_keys = [k for k in missing if any(f".{name}." in k for name in TEXTNET_BRANCH_MODULES)]
     if unexpected or len(branch_keys) != len(missing):
         raise ValueError(f"TextNet export: unexpected {unexpected}, missing non-branch {sorted(set(missing) - set(branch_keys))}")
     return stock.train(model.training)

@@ -214,3 +214,21 @@ def test_batched_views_and_channels_last_resume_exactly(tmp_path):
     assert [got[s]["loss"] for s in range(4, 7)] == [ref[s]["loss"] for s in range(4, 7)]
     a, b = (load_file(d / "backbone" / "model.safetensors") for d in (straight, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_from_a_textnet_keeps_or_refuses_its_branches(tmp_path):
+    """`model.init_from` a stock TextNet into a branch-free one: zero branches (our export) are dropped, live ones
+    are refused with the setting that keeps them."""
+    from modeling.two_view import build_backbone
+    from training.config import ConfigError
+    from training.export import save_backbone
+    from training.methods.two_view import BackboneModelConfig, _backbone_weights, textnet_config
+
+    save_backbone(build_backbone(textnet_config([1, 2], [8, 16], branches=False)), tmp_path / "plain")
+    save_backbone(build_backbone(textnet_config([1, 2], [8, 16])), tmp_path / "branches")
+    model = BackboneModelConfig(arch="textnet", textnet_depths=[1, 2], textnet_hidden_sizes=[8, 16],
+                                textnet_branches=False)
+    target = build_backbone(textnet_config([1, 2], [8, 16], branches=False))
+    target.load_state_dict(_backbone_weights(str(tmp_path / "plain"), model))  # strict: exactly its keys
+    with pytest.raises(ConfigError, match="textnet_branches: true"):
+        _backbone_weights(str(tmp_path / "branches"), model)

@@ -128,8 +128,22 @@ def _backbone_weights(source: str, model: BackboneModelConfig) -> dict:
     if model.arch in ("resnet", "textnet"):
         from transformers import AutoModel
 
-        return AutoModel.from_pretrained(source).state_dict()
+        state = AutoModel.from_pretrained(source).state_dict()
+        return state if model.arch == "resnet" or model.textnet_branches else without_textnet_branches(state, source)
     return load_backbone(source, model.drop_path_rate).state_dict()
+
+
+def without_textnet_branches(state: dict, source: str) -> dict:
+    """A stock TextNet state dict for a model trained without branches: its branch tensors dropped when they are
+    zero (a branch-free model's export); branches that compute something cannot be dropped without changing it."""
+    from modeling.two_view import TEXTNET_BRANCH_MODULES
+
+    branch = {k: v for k, v in state.items() if any(f".{name}." in k for name in TEXTNET_BRANCH_MODULES)}
+    live = [k for k, v in branch.items() if k.endswith(("weight", "bias")) and v.abs().max() > 0]
+    if live:
+        raise ConfigError(f"model.init_from {source} has RepVGG branches that are not zero ({live[0]}, ...): set "
+                          "model.textnet_branches: true to continue it with them")
+    return {k: v for k, v in state.items() if k not in branch}
 
 
 def momentum_schedule(cfg: TrainConfig, start: float, end: float) -> Schedule:

@@ -99,6 +99,7 @@ def _two_process(rank: int, world: int, z1: torch.Tensor, z2: torch.Tensor, expe
     assert torch.allclose(summed / world, c)  # identical on both processes
 
 
+@pytest.mark.slow  # DDP equivalence: train.py's and text alignment's two-process tests stay fast
 def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
     z1, z2 = _inputs()
     expected = _loss_and_grads(ref_barlow_loss, z1, z2, 0.0051)

@@ -15,6 +15,7 @@ import datasets
 import faiss
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -141,6 +142,7 @@ def test_shard_bounds_and_exact_merge():
     assert ids.tolist() == [[-1, -1]] and np.all(sims == PAD_SIM)
 
 
+@pytest.mark.slow  # the pipeline's two-process test stays fast
 def test_knn_and_kmeans_two_processes_equal_one_process(tmp_path):
     """Sharded flat / IVF-Flat kNN and k-means (spherical with a hierarchy; L2 with empty clusters split) in 2
     gloo processes give exactly the 1-process arrays; PQ fast-scan re-ranks a superset, so never worse."""

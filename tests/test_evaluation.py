@@ -392,6 +392,7 @@ def _knn_two_process_worker(rank: int, port: int, result_path: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # two-process kNN: the curation pipeline's two-process test stays fast
 def test_knn_eval_two_processes_matches_one(tmp_path):
     import torch.multiprocessing as mp
 

@@ -386,6 +386,7 @@ def test_hub_folder_loads_like_the_hub_repo(tmp_path):
     assert name == "Dinov2Model" and pretraining_name == "DinoForPretraining" and float(diff) < 1e-4
 
 
+@pytest.mark.slow  # the SIGKILL resume test covers exact resume in the fast suite
 def test_streaming_resume_with_workers_is_exact(tmp_path):
     config = write_config(tmp_path, data={"dataset": "sample", "streaming": True, "num_workers": 2},
                           model={"drop_path_rate": 0.0})

@@ -16,7 +16,8 @@ self-contained training loop, outside train.py, to ask which part stops self-sup
   data. `--swap saliency` uses the unsupervised masks and backgrounds of training/data/background_swap.py.
 * `--arch cnn` is a 4-stage CNN (`--width` 16: 0.29 M parameters); `--arch textnet` the same shape as a stock
   transformers `TextNetModel` (train.py's `model.arch: textnet`); `--arch resnet` a transformers `ResNetModel`
-  (basic blocks, `--widths`); `--arch convnext` a transformers `ConvNextModel` (stem `--patch`).
+  (basic blocks, `--widths`); `--arch convnext` a transformers `ConvNextModel` (stem `--patch`); `--arch superpoint`
+  the encoder of transformers' SuperPoint (the `cnn` shape without BatchNorm, on the views' luminance).
 * `--flat q`: with a swap, a view's new background is one flat random colour with probability q.
 
 Prints kNN top-1 (k = 20, the probe's weighted vote) of the backbone's pooled features on the test split every
@@ -206,6 +207,27 @@ class TextNet(nn.Module):
         return pooled_features(self.model, x)
 
 
+class SuperPointEncoder(nn.Module):
+    """The encoder of transformers' `SuperPointForKeypointDetection` (widths `width`..8 `width`): four stages of two
+    3x3 conv-ReLU, 2x2 max-pooling between them, no normalisation, one grey input channel (the views' luminance);
+    PyTorch's default init."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        from transformers import SuperPointConfig, SuperPointForKeypointDetection
+
+        w = width
+        model = SuperPointForKeypointDetection(SuperPointConfig(encoder_hidden_sizes=[w, 2 * w, 4 * w, 8 * w]))
+        self.encoder = model.encoder
+        for m in self.encoder.modules():
+            if isinstance(m, nn.Conv2d):
+                m.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grey = 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:]
+        return self.encoder(grey).last_hidden_state.mean((2, 3))
+
+
 def mlp(i: int, hidden: int, o: int) -> nn.Module:
     return nn.Sequential(nn.Linear(i, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, o))
 
@@ -217,7 +239,7 @@ def main() -> None:
     p.add_argument("--swap", choices=("none", "truth", "saliency"), default="none")
     p.add_argument("--flat", type=float, default=0.0,
                    help="with --swap: probability that a view's new background is one flat random colour")
-    p.add_argument("--arch", choices=("cnn", "resnet", "convnext", "textnet"), default="cnn")
+    p.add_argument("--arch", choices=("cnn", "resnet", "convnext", "textnet", "superpoint"), default="cnn")
     p.add_argument("--strided", action="store_true", help="cnn: stride-2 convs instead of max-pooling")
     p.add_argument("--torch_init", action="store_true", help="textnet: PyTorch's default init, not TextNet's")
     p.add_argument("--depths", type=int, nargs=4, default=(1, 2, 2, 2), help="textnet layers per stage")
@@ -265,13 +287,14 @@ def main() -> None:
             x = m * x + (1 - m) * new
         return (colour(affine_views(x, tuple(args.scale), args.rotation, args.size)) - mean) / std
 
-    backbone = (cnn(args.width, args.strided) if args.arch == "cnn" else TextNet(args.width, not args.no_branches, args.depths, args.down) if args.arch == "textnet" else
+    backbone = (cnn(args.width, args.strided) if args.arch == "cnn" else SuperPointEncoder(args.width)
+                if args.arch == "superpoint" else TextNet(args.width, not args.no_branches, args.depths, args.down) if args.arch == "textnet" else
                 ResNet(list(args.widths), convnext=args.arch == "convnext", patch=args.patch))
     if args.torch_init:
         for m in backbone.modules():
             if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
                 m.reset_parameters()
-    dim = 8 * args.width if args.arch in ("cnn", "textnet") else args.widths[-1]
+    dim = 8 * args.width if args.arch in ("cnn", "textnet", "superpoint") else args.widths[-1]
     projector = mlp(dim, 512, 128)
     heads = nn.ModuleDict({"classifier": nn.Linear(dim, len(OBJECT_CLASSES))} if args.objective == "supervised"
                           else {"predictor": mlp(128, 512, 128)} if args.objective == "moco" else {})

@@ -19,6 +19,7 @@ from .mocov3 import MoCoV3Config, MoCoV3ForPretraining
 from .pretraining import DinoForPretraining, DinoPretrainingConfig, DinoPretrainingOutput
 from .simclr import SimCLRConfig, SimCLRForPretraining
 from .text_alignment import TextAlignmentConfig, TextAlignmentForPretraining
+from .vgg import VGGConfig, VGGModel
 from .vision_transformer import DinoVisionConfig, DinoVisionModel
 
 AutoConfig.register(DinoVisionConfig.model_type, DinoVisionConfig, exist_ok=True)
@@ -48,6 +49,10 @@ AutoConfig.register(DualEncoderConfig.model_type, DualEncoderConfig, exist_ok=Tr
 AutoModel.register(DualEncoderConfig, DualEncoderModel, exist_ok=True)
 DualEncoderConfig.register_for_auto_class()
 DualEncoderModel.register_for_auto_class("AutoModel")
+AutoConfig.register(VGGConfig.model_type, VGGConfig, exist_ok=True)
+AutoModel.register(VGGConfig, VGGModel, exist_ok=True)
+VGGConfig.register_for_auto_class()
+VGGModel.register_for_auto_class("AutoModel")
 
 __all__ = [
     "BarlowTwinsConfig",
@@ -76,6 +81,8 @@ __all__ = [
     "SimCLRForPretraining",
     "TextAlignmentConfig",
     "TextAlignmentForPretraining",
+    "VGGConfig",
+    "VGGModel",
     "convert",
     "losses",
 ]

@@ -4,8 +4,8 @@ BatchNorm over the global batch, momentum encoders, and the ResNet export.
 Backbones are our ViT (`DinoVisionModel`, exported as a stock `Dinov2Model`), transformers' `ResNetModel`
 (`ResNetConfig()` = `microsoft/resnet-50`, exported as itself), so the papers' own settings run, or transformers'
 `TextNetModel` used as a plain VGG-style CNN (a stride-1 stem keeps small images at full resolution; global
-average pool of its last feature map). A pretraining
-config stores the backbone's config under `backbone_config` with its `model_type`, so either kind round-trips
+average pool of its last feature map), or our `VGGModel` (`modeling/vgg.py`: max-pooling between stages; exported
+with its code, `trust_remote_code`). A pretraining config stores the backbone's config under `backbone_config` with its `model_type`, so either kind round-trips
 through `save_pretrained` / `from_pretrained`.
 """
 
@@ -33,16 +33,18 @@ from transformers import (
 
 from .convert import IMAGENET_MEAN, IMAGENET_STD
 from .losses import all_reduce_with_grad
+from .vgg import VGGConfig, VGGModel
 from .vision_transformer import DinoVisionConfig, DinoVisionModel
 
-BackboneConfig = DinoVisionConfig | ResNetConfig | TextNetConfig
-Backbone = DinoVisionModel | ResNetModel | TextNetModel
+BackboneConfig = DinoVisionConfig | ResNetConfig | TextNetConfig | VGGConfig
+Backbone = DinoVisionModel | ResNetModel | TextNetModel | VGGModel
 _BACKBONE_CONFIGS: dict[str, type[PretrainedConfig]] = {
     DinoVisionConfig.model_type: DinoVisionConfig,
     ResNetConfig.model_type: ResNetConfig,
     TextNetConfig.model_type: TextNetConfig,
+    VGGConfig.model_type: VGGConfig,
 }
-_CONVNETS = (ResNetConfig, TextNetConfig)
+_CONVNETS = (ResNetConfig, TextNetConfig, VGGConfig)
 
 
 # ---- backbones -----------------------------------------------------------------------------------------------
@@ -70,6 +72,8 @@ def build_backbone(config: BackboneConfig) -> Backbone:
     if isinstance(config, TextNetConfig):
         model = TextNetModel(config)
         return model if getattr(config, TEXTNET_BRANCHES, True) else remove_textnet_branches_(model)
+    if isinstance(config, VGGConfig):
+        return VGGModel(config)
     return DinoVisionModel(config)
 
 
@@ -141,7 +145,7 @@ def features_and_map(backbone: Backbone, pixel_values: torch.Tensor) -> tuple[to
     out = backbone(pixel_values=pixel_values)
     if isinstance(backbone, TextNetModel):
         return out.last_hidden_state.mean((2, 3)), out.last_hidden_state
-    if isinstance(backbone, ResNetModel):
+    if isinstance(backbone, (ResNetModel, VGGModel)):
         return out.pooler_output.flatten(1), out.last_hidden_state
     config = backbone.config
     h, w = pixel_values.shape[-2] // config.patch_size, pixel_values.shape[-1] // config.patch_size
@@ -414,7 +418,8 @@ class TwoViewPreTrainedModel(PreTrainedModel):
 
     main_input_name = "view1"
     input_modalities = ("image",)
-    _no_split_modules = ["Embeddings", "Block", "ResNetBottleNeckLayer", "ResNetBasicLayer", "TextNetRepConvLayer"]
+    _no_split_modules = ["Embeddings", "Block", "ResNetBottleNeckLayer", "ResNetBasicLayer", "TextNetRepConvLayer",
+                         "VGGConvLayer"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -449,6 +454,9 @@ class TwoViewPreTrainedModel(PreTrainedModel):
             return {"backbone": f"plain CNN (`TextNetModel`), stem stride {c.stem_stride}, layers per stage "
                                 f"{[len(k) for k in c.conv_layer_kernel_sizes]}, widths {list(c.hidden_sizes)}"
                                 + ("" if getattr(c, TEXTNET_BRANCHES, True) else ", trained without RepVGG branches")}
+        if isinstance(c, VGGConfig):
+            return {"backbone": f"VGG-style CNN (dinoforge `VGGModel`, max-pooling between stages), layers per "
+                                f"stage {list(c.depths)}, widths {list(c.hidden_sizes)}"}
         if is_convnet(c):
             return {"backbone": f"ResNet (`ResNetModel`), stages {list(c.depths)}, widths {list(c.hidden_sizes)}"}
         return {"backbone": f"ViT (exported as `Dinov2Model`), width {c.hidden_size}, depth {c.num_hidden_layers}, "

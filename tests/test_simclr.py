@@ -1,5 +1,5 @@
-"""SimCLR: NT-Xent against the reference's `add_contrastive_loss` (written from its semantics), and a run through
-train.py (tiny ResNet, background swap on) that exports a stock `ResNetModel`."""
+"""SimCLR: NT-Xent against the reference's `add_contrastive_loss` (written from its semantics), and runs through
+train.py (tiny ResNet / TextNet / VGG, background swap on) that export their backbones."""
 
 from __future__ import annotations
 
@@ -66,6 +66,7 @@ def test_model_forward_and_reload(tmp_path):
 
 
 TEXTNET_SECTION = {"arch": "textnet", "textnet_depths": [1, 1, 2], "textnet_hidden_sizes": [8, 16, 32]}
+VGG_SECTION = {"arch": "vgg", "vgg_depths": [1, 1, 2], "vgg_hidden_sizes": [8, 16, 32]}
 
 
 @pytest.mark.parametrize("section, batched, expected", [
@@ -73,8 +74,12 @@ TEXTNET_SECTION = {"arch": "textnet", "textnet_depths": [1, 1, 2], "textnet_hidd
     pytest.param(RESNET_SECTION, False, "ResNetModel (1, 32, 1, 1)", marks=pytest.mark.slow),
     # with its RepVGG branches: slow (the branch-free case below runs the same path; the unit tests cover both)
     pytest.param(TEXTNET_SECTION, False, "TextNetModel (1, 32, 2, 2)", marks=pytest.mark.slow),
-    ({**TEXTNET_SECTION, "textnet_branches": False, "channels_last": True}, True, "TextNetModel (1, 32, 2, 2)"),
-], ids=["resnet", "textnet", "textnet-no-branches-batched-color"])
+    # branch-free TextNet with the recipe's pipeline: slow (the VGG case below runs that pipeline)
+    pytest.param({**TEXTNET_SECTION, "textnet_branches": False, "channels_last": True}, True,
+                 "TextNetModel (1, 32, 2, 2)", marks=pytest.mark.slow),
+    # configs/small_data.yaml's backbone and pipeline; its export loads with its own code (trust_remote_code)
+    ({**VGG_SECTION, "channels_last": True}, True, "VGGModel (1, 32, 1, 1)"),
+], ids=["resnet", "textnet", "textnet-no-branches-batched-color", "vgg-batched-color"])
 def test_trains_with_background_swap_and_exports_stock_backbone(tmp_path, section, batched, expected):
     out = tmp_path / "run"
     config = {"method": "simclr", "model": section, "simclr": {"hidden_dim": 32, "out_dim": 16},
@@ -89,7 +94,10 @@ def test_trains_with_background_swap_and_exports_stock_backbone(tmp_path, sectio
     assert sorted(rows) == list(range(1, 7))
     assert {"loss", "positive_similarity", "embedding_std"} <= rows[6].keys()
     code = "print(type(m).__name__, tuple(m(pixel_values=torch.randn(1, 3, 32, 32)).pooler_output.shape))"
-    assert load_stock(out / "backbone", code, tmp_path).strip() == expected
+    remote = section["arch"] == "vgg"
+    assert load_stock(out / "backbone", code, tmp_path, trust_remote_code=remote).strip() == expected
+    if remote:  # exported with the preprocessing of its 32 px views, not 224
+        assert '"crop_size": {\n    "height": 32' in (out / "backbone" / "preprocessor_config.json").read_text()
     assert "SimCLR" in (out / "backbone" / "README.md").read_text()
 
 
@@ -198,11 +206,11 @@ def test_cpu_threads_rule():
 
 @pytest.mark.slow
 def test_batched_views_and_channels_last_resume_exactly(tmp_path):
-    """Batched colour, object-centred crops and channels-last weights: a run stopped at step 3 and resumed ends
-    with the losses and weights of the run that never stopped."""
+    """The small-data recipe's pipeline and backbone (batched colour, object-centred crops, a channels-last VGG):
+    a run stopped at step 3 and resumed ends with the losses and weights of the run that never stopped."""
     from safetensors.torch import load_file
 
-    config = {"method": "simclr", "model": {**TEXTNET_SECTION, "textnet_branches": False, "channels_last": True},
+    config = {"method": "simclr", "model": {**VGG_SECTION, "channels_last": True},
               "simclr": {"hidden_dim": 32, "out_dim": 16}, "crops": {"global_size": 32},
               "views": {"background_swap": 0.5, "batched_color": True, "object_centred_crops": True},
               "data": DATA, "train": {"save_every": 1000, "log_every": 1},

@@ -92,13 +92,13 @@ def metric_rows(output_dir: Path) -> dict[int, dict]:
     return rows
 
 
-def load_stock(folder: Path, code: str, tmp_path: Path) -> str:
+def load_stock(folder: Path, code: str, tmp_path: Path, trust_remote_code: bool = False) -> str:
     """Run `code` in a fresh interpreter that has only transformers (no dinoforge import); `m` is
-    `AutoModel.from_pretrained(folder)`. Returns its stdout."""
+    `AutoModel.from_pretrained(folder)` (with the folder's own code if `trust_remote_code`). Returns its stdout."""
     prelude = (
         "import sys, torch\n"
         "from transformers import AutoModel\n"
-        f"m = AutoModel.from_pretrained({str(folder)!r}).eval()\n"
+        f"m = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code={trust_remote_code}).eval()\n"
         "assert 'modeling' not in sys.modules\n"
     )
     res = subprocess.run([sys.executable, "-c", prelude + code], cwd=tmp_path, capture_output=True, text=True,

@@ -64,36 +64,39 @@ def load_checkpoint_model(checkpoint: str | Path) -> nn.Module:
     return model.eval()
 
 
-def save_backbone(backbone: nn.Module, folder: Path) -> Path:
+def save_backbone(backbone: nn.Module, folder: Path, image_size: int | None = None) -> Path:
     """A stock-loadable backbone folder: our ViT becomes a stock transformers DINOv2 (+ the released models' image
-    processor); any other `PreTrainedModel` is saved as it is."""
+    processor); any other `PreTrainedModel` is saved as it is, with an image processor whose crop is `image_size`
+    (the run's view size, default 224), so the pipeline feeds it images at the scale it was trained and evaluated
+    on (a CNN trained on 32 px views sees 32 px images, not 224)."""
     from transformers import ResNetModel, TextNetModel
 
     from modeling.two_view import save_resnet_backbone, stock_textnet
 
     if isinstance(backbone, DinoVisionModel):
         return export_backbone(backbone, folder)
-    if isinstance(backbone, ResNetModel):
-        return save_resnet_backbone(backbone, folder)  # + the image processor of microsoft/resnet-50
+    if isinstance(backbone, ResNetModel):  # + the image processor of microsoft/resnet-50, at `image_size`
+        return save_resnet_backbone(backbone, folder, crop_size=image_size or 224)
     if isinstance(backbone, TextNetModel):
         backbone = stock_textnet(backbone)  # a branch-free one gets its (zero) branches back
     backbone.save_pretrained(folder)
-    _ensure_image_processor(Path(folder))
+    _ensure_image_processor(Path(folder), image_size or 224)
     return folder
 
 
-def _ensure_image_processor(folder: Path) -> None:
+def _ensure_image_processor(folder: Path, image_size: int = 224) -> None:
     """A backbone folder that `AutoImageProcessor` cannot load a processor from (e.g. a ConvNeXt or EfficientNet
-    student built from a config) gets the DINOv2 evaluation one, so `pipeline("image-feature-extraction")` works.
-    Folders that carry their own (a timm wrapper's `pretrained_cfg` in config.json) are left as they are."""
+    student built from a config) gets the DINOv2 evaluation one at `image_size` (resize 256/224 of it, center
+    crop; what the end-of-run kNN uses), so `pipeline("image-feature-extraction")` works. Folders that carry their
+    own (a timm wrapper's `pretrained_cfg` in config.json) are left as they are."""
     from transformers import AutoImageProcessor
 
-    from modeling.convert import dinov2_image_processor
+    from training.evaluation.preprocess import default_image_processor
 
     try:
         AutoImageProcessor.from_pretrained(str(folder))
     except (OSError, ValueError, KeyError, TypeError):
-        dinov2_image_processor().save_pretrained(folder)
+        default_image_processor(image_size).save_pretrained(folder)
 
 
 def export_run(model: nn.Module, out_dir: str | Path, run: dict[str, Any] | None = None,
@@ -108,7 +111,7 @@ def export_run(model: nn.Module, out_dir: str | Path, run: dict[str, Any] | None
     for name, module in model.exports().items():
         folder = out / name
         if is_backbone_export(name):
-            paths[name] = save_backbone(module, folder)
+            paths[name] = save_backbone(module, folder, _view_size(run))
             (folder / "README.md").write_text(render_model_card(model, module, run or {}, results))
             # Files a method keeps beside a backbone (e.g. copy detection's descriptor head).
             extras = getattr(model, "export_extras", None)
@@ -118,6 +121,12 @@ def export_run(model: nn.Module, out_dir: str | Path, run: dict[str, Any] | None
             module.save_pretrained(folder)
             paths[name] = folder
     return paths
+
+
+def _view_size(run: dict[str, Any] | None) -> int | None:
+    """The run's training view size (`crops.global_size` of its resolved config), if the run says."""
+    size = (((run or {}).get("config") or {}).get("crops") or {}).get("global_size")
+    return int(size) if size else None
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> dict[str, Path]:

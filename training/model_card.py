@@ -363,10 +363,13 @@ def render_model_card(model: Any, backbone: Any, run: dict[str, Any], results: R
         model_name=name if summary else None, eval_results=eval_results_from_results(summary) if summary else None,
     )
     hf_class, architecture, note, vit = _architecture(backbone)
+    # a class of ours that is exported as itself (not converted to a transformers one) travels with its code
+    remote_code = not vit and getattr(type(backbone), "_auto_class", None) is not None
     method_rows = model.model_card_rows(cfg) if hasattr(model, "model_card_rows") else {}
     exports = model.exports() if hasattr(model, "exports") else {}
     values = dict(
         model_name=name, repo_id=_usage_id(run), hf_class=hf_class, architecture=architecture, vit=vit,
+        remote_code=remote_code, remote_args=", trust_remote_code=True" if remote_code else "",
         interpolation_note=note, method=cfg.get("method", "dinov2"),
         method_description=run.get("method_description") or "self-supervised pretraining",
         config_name=public_name(cfg.get("config_name"), default="custom"),

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import ResNetConfig, TextNetConfig
 
-from modeling import DinoVisionConfig
+from modeling import DinoVisionConfig, VGGConfig
 from modeling.two_view import TEXTNET_BRANCHES, BackboneConfig, TwoViewPreTrainedModel, sync_batch_norm
 
 from ..build import ModelConfig, folder_model_type, load_backbone
@@ -31,9 +31,11 @@ class BackboneModelConfig(ModelConfig):
     `arch` (vit | resnet | textnet), the ViT's `patch_size`, the ResNet's shape (transformers `ResNetConfig`; the
     defaults are `microsoft/resnet-50`), and the plain CNN's (transformers `TextNetModel` as a VGG-style stack:
     a 3x3 stem of `textnet_stride`, then per stage `textnet_depths` 3x3 conv-BN-ReLU layers, the first of every
-    stage after the first with stride 2, `textnet_hidden_sizes` channels; the stem has the first stage's width)."""
+    stage after the first with stride 2, `textnet_hidden_sizes` channels; the stem has the first stage's width), and
+    `vgg` (`modeling.vgg.VGGModel`: per stage `vgg_depths` 3x3 conv-BN-ReLU layers of `vgg_hidden_sizes` channels,
+    2x2 max-pooling between stages; exported with its code, loads with `trust_remote_code=True`)."""
 
-    arch: str = field(default="vit", metadata=check(choices=("vit", "resnet", "textnet")))
+    arch: str = field(default="vit", metadata=check(choices=("vit", "resnet", "textnet", "vgg")))
     patch_size: int | None = field(default=None, metadata=check(ge=1))  # None: the preset's (14)
     resnet_depths: list[int] = field(default_factory=lambda: [3, 4, 6, 3], metadata=check(ge=1))
     resnet_hidden_sizes: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048], metadata=check(ge=1))
@@ -48,6 +50,8 @@ class BackboneModelConfig(ModelConfig):
     # kernel of the stride-2 first layer of every stage after the first: 3, or 2 (a 2x2 patch merge that sees every
     # pixel once, where a strided 3x3 skips every other position)
     textnet_downsample_kernel: int = field(default=3, metadata=check(choices=(2, 3)))
+    vgg_depths: list[int] = field(default_factory=lambda: [2, 2, 2, 2], metadata=check(ge=1))
+    vgg_hidden_sizes: list[int] = field(default_factory=lambda: [16, 32, 64, 128], metadata=check(ge=1))
     # ConvNet weights in channels-last memory layout: oneDNN's fast path on CPU (a 32 px TextNet step took 114 ms
     # instead of 148 on 2 cores) and cuDNN's with mixed precision
     channels_last: bool = False
@@ -73,6 +77,11 @@ def backbone_config(model: BackboneModelConfig, view_size: int) -> BackboneConfi
     if model.arch == "textnet":
         return textnet_config(model.textnet_depths, model.textnet_hidden_sizes, model.textnet_stride,
                               branches=model.textnet_branches, downsample_kernel=model.textnet_downsample_kernel)
+    if model.arch == "vgg":
+        if len(model.vgg_depths) != len(model.vgg_hidden_sizes):
+            raise ConfigError(f"model.vgg_depths {model.vgg_depths} and model.vgg_hidden_sizes "
+                              f"{model.vgg_hidden_sizes} need one entry per stage each")
+        return VGGConfig(hidden_sizes=list(model.vgg_hidden_sizes), depths=list(model.vgg_depths))
     sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "ffn", "drop_path_rate", "layerscale_init",
              "patch_size")
     overrides = {name: getattr(model, name) for name in sizes if getattr(model, name) is not None}
@@ -125,11 +134,11 @@ def build_two_view_model(
 
 
 def _backbone_weights(source: str, model: BackboneModelConfig) -> dict:
-    if model.arch in ("resnet", "textnet"):
+    if model.arch in ("resnet", "textnet", "vgg"):
         from transformers import AutoModel
 
         state = AutoModel.from_pretrained(source).state_dict()
-        return state if model.arch == "resnet" or model.textnet_branches else without_textnet_branches(state, source)
+        return state if model.arch != "textnet" or model.textnet_branches else without_textnet_branches(state, source)
     return load_backbone(source, model.drop_path_rate).state_dict()
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+import torch
 from fault_corpus import OK, build_fault_corpus, image_files, read_faults
 from PIL import Image
 
@@ -376,3 +377,34 @@ def test_file_removed_between_listing_and_loading_is_reported_not_fatal(tmp_path
     with caplog.at_level(logging.WARNING, logger="training.data"):
         ds = load_image_dataset(root, cache_dir=str(tmp_path / "hf"))
     assert rel_paths(ds, root) == ["0.jpg", "2.jpg"] and "1 files vanished" in caplog.text
+
+
+def _shifted_crop(image, seed):
+    x0 = int(np.random.default_rng(seed).integers(0, 8))  # the sample's own draw: epochs differ
+    return {"crop": torch.from_numpy(np.asarray(image.crop((x0, 0, x0 + 8, 8))).copy())}
+
+
+def test_decoded_cache_changes_no_sample_and_still_counts_every_broken_image():
+    """`data.decoded_cache_mb`: the same samples with and without it, a broken image met and counted every epoch
+    (never cached), and the budget bounds what is kept."""
+    values = [{"bytes": jpeg(i), "path": None} for i in range(6)] + [{"bytes": b"\xff\xd8\xff broken", "path": None}]
+    ds = datasets.Dataset.from_dict({"image": values}, features=datasets.Features({"image": datasets.Image()}))
+
+    def three_epochs(cache_mb: float) -> tuple[list[dict], ImageDataset]:
+        collate = SampleCollator(lambda kept: {"crops": torch.stack([k["crop"] for k in kept])})
+        loader = build_loader(ds, _shifted_crop, collate, 7, seed=1, decoded_cache_mb=cache_mb)
+        batches = []
+        for epoch in range(3):
+            set_loader_epoch(loader, epoch)
+            batches += list(loader)
+        return batches, loader.dataset
+
+    ref, uncached = three_epochs(0)
+    got, cached = three_epochs(1)
+    assert len(ref) == len(got) == 3 and not torch.equal(ref[0]["crops"], ref[1]["crops"])
+    for a, b in zip(ref, got):
+        assert torch.equal(a["crops"], b["crops"]) and a["skipped"] == b["skipped"] and b["num_skipped"] == 1
+    assert len(cached._decoded) == 6 and cached.num_skipped == uncached.num_skipped == 3
+    assert len(uncached._decoded) == 0
+    _, small = three_epochs(1000 / 2**20)  # 16x16 RGB = 768 bytes: room for one
+    assert len(small._decoded) == 1

@@ -88,6 +88,7 @@ def _multicrop(options: dict[str, Any], cfg: TrainConfig, dataset: Any, *, rank:
         num_workers=cfg.data.num_workers,
         # Streams only: shard + buffer shuffle from (seed, epoch), so replaying an epoch on resume is exact.
         shuffle_buffer_size=cfg.data.shuffle_buffer,
+        decoded_cache_mb=cfg.data.decoded_cache_mb,
         # Rows that are only paths: inside the local image folder pointed at (None), or anywhere if trusted.
         allow_paths=True if cfg.data.allow_local_paths else None,
     )
@@ -134,7 +135,8 @@ def _two_views(options: dict[str, Any], cfg: TrainConfig, dataset: Any, *, rank:
     return build_two_view_loader(
         dataset, augmentation, cfg.optim.batch_size, image_column=cfg.data.image_column, seed=cfg.train.seed,
         num_replicas=world_size, rank=rank, num_workers=cfg.data.num_workers,
-        shuffle_buffer_size=cfg.data.shuffle_buffer, allow_paths=allow_paths,
+        shuffle_buffer_size=cfg.data.shuffle_buffer,
+        decoded_cache_mb=cfg.data.decoded_cache_mb, allow_paths=allow_paths,
     )
 
 
@@ -158,6 +160,7 @@ def _copy_edits(options: dict[str, Any], cfg: TrainConfig, dataset: Any, *, rank
         dataset, CopyEditAugmentation(size, edits), cfg.optim.batch_size, edits.mix_probability,
         image_column=cfg.data.image_column, seed=cfg.train.seed, num_replicas=world_size, rank=rank,
         num_workers=cfg.data.num_workers, shuffle_buffer_size=cfg.data.shuffle_buffer,
+        decoded_cache_mb=cfg.data.decoded_cache_mb,
         allow_paths=True if cfg.data.allow_local_paths else None,
     )
 
@@ -191,6 +194,7 @@ def _image_text(options: dict[str, Any], cfg: TrainConfig, dataset: Any, *, rank
         label_column=cfg.data.label_column if from_labels else None,
         image_column=cfg.data.image_column, seed=cfg.train.seed, num_replicas=world_size, rank=rank,
         num_workers=cfg.data.num_workers, shuffle_buffer_size=cfg.data.shuffle_buffer,
+        decoded_cache_mb=cfg.data.decoded_cache_mb,
         allow_paths=True if cfg.data.allow_local_paths else None,
     )
 
@@ -219,7 +223,8 @@ def _detection(options: dict[str, Any], cfg: TrainConfig, dataset: Any, *, rank:
         dataset, DetectionTransform(options["image_processor"]), collator, cfg.optim.batch_size,
         objects_column=g.objects_column, image_column=cfg.data.image_column, seed=cfg.train.seed,
         num_replicas=world_size, rank=rank, num_workers=cfg.data.num_workers,
-        shuffle_buffer_size=cfg.data.shuffle_buffer, allow_paths=True if cfg.data.allow_local_paths else None,
+        shuffle_buffer_size=cfg.data.shuffle_buffer,
+        decoded_cache_mb=cfg.data.decoded_cache_mb, allow_paths=True if cfg.data.allow_local_paths else None,
     )
 
 

@@ -252,9 +252,14 @@ class ImageDataset(_Pipeline, torch.utils.data.Dataset):
         columns: Columns = (),
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         allow_paths: AllowPaths = None,
+        decoded_cache_mb: float = 0.0,
     ) -> None:
         super().__init__(transform, image_column, seed, columns, max_pixels, allow_paths)
         _check_columns(hf_dataset.column_names, image_column, self.columns)
+        # index -> decoded image, filled until the budget is spent (each worker its own); undecodable rows are
+        # never cached, so they are met, logged and counted every time, as without the cache
+        self._decoded: dict[int, Image.Image] = {}
+        self._decoded_budget = int(decoded_cache_mb * 2**20)
         self.dataset = _without_decoding(hf_dataset, image_column, self.columns)
         unusable, example = _unusable_paths(self.dataset, image_column, self.allow_paths)
         if unusable:  # training would only skip rows: say why, and what to set
@@ -269,10 +274,16 @@ class ImageDataset(_Pipeline, torch.utils.data.Dataset):
 
     def __getitem__(self, key: int | tuple[int, ...]) -> dict[str, Any] | SkippedSample:
         epoch, index, *resolution = key if isinstance(key, tuple) else (self.epoch, key)
-        row = self.dataset[int(index)]
-        image = self._decode(row, f"row {index}")
-        if isinstance(image, SkippedSample):
-            return image
+        image = self._decoded.get(int(index))
+        row = self.dataset[int(index)] if image is None or self.columns else {}
+        if image is None:
+            image = self._decode(row, f"row {index}")
+            if isinstance(image, SkippedSample):
+                return image
+            size = image.width * image.height * len(image.getbands())
+            if size <= self._decoded_budget:  # transforms never modify their input image, so it can be reused
+                self._decoded[int(index)] = image
+                self._decoded_budget -= size
         return self._sample(image, row, derive_seed(self.seed, epoch, index), *resolution)
 
 
@@ -333,9 +344,14 @@ class ImageStream(_Pipeline, torch.utils.data.IterableDataset):
         columns: Columns = (),
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         allow_paths: AllowPaths = None,
+        decoded_cache_mb: float = 0.0,
     ) -> None:
         super().__init__(transform, image_column, seed, columns, max_pixels, allow_paths)
         _check_columns(hf_dataset.column_names, image_column, self.columns)
+        # index -> decoded image, filled until the budget is spent (each worker its own); undecodable rows are
+        # never cached, so they are met, logged and counted every time, as without the cache
+        self._decoded: dict[int, Image.Image] = {}
+        self._decoded_budget = int(decoded_cache_mb * 2**20)
         if shuffle_buffer_size < 0:
             raise ValueError(f"shuffle_buffer_size must be >= 0 (0: stream order), got {shuffle_buffer_size} "
                              "(config: data.shuffle_buffer)")
@@ -443,6 +459,7 @@ def build_loader(
     resolution_probabilities: Sequence[float] | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     allow_paths: AllowPaths = None,
+    decoded_cache_mb: float = 0.0,
 ) -> DataLoader:
     """A DataLoader for any pipeline: per-process batches of ``batch_size`` rows, transform + collate in the workers.
 
@@ -452,6 +469,7 @@ def build_loader(
     :class:`SampleCollator`). ``columns`` are copied from each row into its sample. ``allow_paths``: which local
     paths rows that hold only a path may open (see :func:`training.data.decode.decode`; ``True`` for
     ``data.allow_local_paths=true``). ``shuffle_buffer_size``: streams only (see the module docstring).
+    ``decoded_cache_mb``: map-style only, decoded images kept per process up to that size (``data.decoded_cache_mb``).
 
     Map-style datasets get a :class:`ResumableSampler` for ``rank`` of ``num_replicas`` (``loader.sampler``);
     streams are wrapped in an :class:`ImageStream` (``loader.dataset``) and must already be sharded per process
@@ -493,7 +511,7 @@ def build_loader(
         )
         return DataLoader(stream, **options)
     wrapped = ImageDataset(dataset, transforms, image_column, seed, columns=columns, max_pixels=max_pixels,
-                           allow_paths=allow_paths)
+                           allow_paths=allow_paths, decoded_cache_mb=decoded_cache_mb)
     sampler = ResumableSampler(
         len(wrapped), batch_size=batch_size, num_replicas=num_replicas, rank=rank, seed=seed,
         resolution_probabilities=probabilities,

@@ -136,6 +136,7 @@ def build_dataloader(
     shuffle_buffer_size: int = 0,
     resolution_probabilities: Sequence[float] | None = None,
     allow_paths: AllowPaths = None,
+    decoded_cache_mb: float = 0.0,
 ) -> DataLoader:
     """The multi-crop training DataLoader: per-process batches of ``batch_size`` images, crops + masks in the workers.
 
@@ -165,4 +166,5 @@ def build_dataloader(
         shuffle_buffer_size=shuffle_buffer_size,
         resolution_probabilities=resolution_probabilities,
         allow_paths=allow_paths,
+        decoded_cache_mb=decoded_cache_mb,
     )

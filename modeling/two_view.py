@@ -5,8 +5,8 @@ Backbones are our ViT (`DinoVisionModel`, exported as a stock `Dinov2Model`), tr
 (`ResNetConfig()` = `microsoft/resnet-50`, exported as itself), so the papers' own settings run, or transformers'
 `TextNetModel` used as a plain VGG-style CNN (a stride-1 stem keeps small images at full resolution; global
 average pool of its last feature map), or our `VGGModel` (`modeling/vgg.py`: max-pooling between stages; exported
-with its code, `trust_remote_code`). A pretraining config stores the backbone's config under `backbone_config` with its `model_type`, so either kind round-trips
-through `save_pretrained` / `from_pretrained`.
+with its code, `trust_remote_code`). A pretraining config stores the backbone's config under `backbone_config` with
+its `model_type`, so every kind round-trips through `save_pretrained` / `from_pretrained`.
 """
 
 from __future__ import annotations

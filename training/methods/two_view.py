@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class BackboneModelConfig(ModelConfig):
     """The `model` section of the two-view methods: DINOv2's (preset and sizes of our ViT, `init_from`, ...) plus
-    `arch` (vit | resnet | textnet), the ViT's `patch_size`, the ResNet's shape (transformers `ResNetConfig`; the
+    `arch` (vit | resnet | textnet | vgg), the ViT's `patch_size`, the ResNet's shape (transformers `ResNetConfig`; the
     defaults are `microsoft/resnet-50`), and the plain CNN's (transformers `TextNetModel` as a VGG-style stack:
     a 3x3 stem of `textnet_stride`, then per stage `textnet_depths` 3x3 conv-BN-ReLU layers, the first of every
     stage after the first with stride 2, `textnet_hidden_sizes` channels; the stem has the first stage's width), and

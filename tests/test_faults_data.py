@@ -408,3 +408,5 @@ def test_decoded_cache_changes_no_sample_and_still_counts_every_broken_image():
     assert len(uncached._decoded) == 0
     _, small = three_epochs(1000 / 2**20)  # 16x16 RGB = 768 bytes: room for one
     assert len(small._decoded) == 1
+    with pytest.raises(ValueError, match="data.decoded_cache_mb=0 or data.streaming=false"):
+        build_loader(ds.to_iterable_dataset(), _shifted_crop, SampleCollator(list), 2, decoded_cache_mb=1)

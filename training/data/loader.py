@@ -274,15 +274,16 @@ class ImageDataset(_Pipeline, torch.utils.data.Dataset):
 
     def __getitem__(self, key: int | tuple[int, ...]) -> dict[str, Any] | SkippedSample:
         epoch, index, *resolution = key if isinstance(key, tuple) else (self.epoch, key)
-        image = self._decoded.get(int(index))
-        row = self.dataset[int(index)] if image is None or self.columns else {}
+        index = int(index)
+        image = self._decoded.get(index)
+        row = self.dataset[index] if image is None or self.columns else {}
         if image is None:
             image = self._decode(row, f"row {index}")
             if isinstance(image, SkippedSample):
                 return image
             size = image.width * image.height * len(image.getbands())
             if size <= self._decoded_budget:  # transforms never modify their input image, so it can be reused
-                self._decoded[int(index)] = image
+                self._decoded[index] = image
                 self._decoded_budget -= size
         return self._sample(image, row, derive_seed(self.seed, epoch, index), *resolution)
 
@@ -344,14 +345,9 @@ class ImageStream(_Pipeline, torch.utils.data.IterableDataset):
         columns: Columns = (),
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         allow_paths: AllowPaths = None,
-        decoded_cache_mb: float = 0.0,
     ) -> None:
         super().__init__(transform, image_column, seed, columns, max_pixels, allow_paths)
         _check_columns(hf_dataset.column_names, image_column, self.columns)
-        # index -> decoded image, filled until the budget is spent (each worker its own); undecodable rows are
-        # never cached, so they are met, logged and counted every time, as without the cache
-        self._decoded: dict[int, Image.Image] = {}
-        self._decoded_budget = int(decoded_cache_mb * 2**20)
         if shuffle_buffer_size < 0:
             raise ValueError(f"shuffle_buffer_size must be >= 0 (0: stream order), got {shuffle_buffer_size} "
                              "(config: data.shuffle_buffer)")
@@ -504,6 +500,9 @@ def build_loader(
         if prefetch_factor is not None:
             options["prefetch_factor"] = prefetch_factor
     if is_stream:
+        if decoded_cache_mb:  # a stream is read once per epoch from its source: nothing to keep
+            raise ValueError(f"data.decoded_cache_mb={decoded_cache_mb} applies to map-style datasets, not streams: "
+                             "set data.decoded_cache_mb=0 or data.streaming=false")
         stream = ImageStream(
             dataset, transforms, image_column, seed, shuffle_buffer_size,
             resolution_probabilities=probabilities, batch_size=batch_size, columns=columns, max_pixels=max_pixels,
